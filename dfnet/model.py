@@ -1,0 +1,421 @@
+"""DFNet: Deep Fusion Network for Image Completion (Hong et al., ACM MM 2019).
+
+A U-Net whose six finest decoder outputs each feed a *fusion block*. For decoder feature map
+F_k (k = 1 is the finest scale in the paper; index 0 in the lists this module returns):
+
+    I_k  = (image * mask) resized to F_k's size               the known pixels at that scale
+    C_k  = sigmoid(conv1x1(F_k))                             the raw completion ("raw")
+    α_k  = BlendBlock(cat[I_k, C_k])                         a per-pixel, per-channel alpha
+    Î_k  = α_k ⊙ C_k + (1 − α_k) ⊙ I_k                       the fused result
+
+Conventions: images are float NCHW in [0, 1] (no mean/std normalisation), masks are N1HW with
+1 = known pixel and 0 = hole. Height and width must be multiples of `config.size_multiple`
+(2 ** levels); `dfnet.inpaint.Inpainter` pads or crops arbitrary photos to that.
+
+Model directories follow the `save_pretrained` / `from_pretrained` habit: `config.json`
+(architecture + provenance) beside `model.safetensors`. `load_official_state_dict` imports the
+authors' released checkpoints (see `docs/official-checkpoint-keys.tsv` for their layout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+FusionMode = Literal["blend", "hard", "none"]
+
+
+@dataclass(frozen=True)
+class DFNetConfig:
+    """Architecture of a DFNet. The defaults are the paper's network (the `official` preset)."""
+
+    levels: int = 8  # encoder/decoder stages, each halving/doubling the resolution
+    base_channels: int = 64  # width of the first encoder block; doubles per level ...
+    max_channels: int = 512  # ... capped here
+    kernel_sizes: tuple[int, ...] = (7, 5, 5, 3, 3, 3, 3, 3)  # encoder kernels, fine to coarse
+    fusion_levels: int = 6  # fusion blocks on this many of the finest decoder outputs
+    alpha_channels: int = 3  # 3 = per-channel alpha (the paper), 1 = one alpha per pixel
+    blend_channels: int = 32  # hidden width of the BlendBlock
+    # Ablations of the paper's Figure 5: "blend" is DFNet; "hard" pastes known pixels with the
+    # binary mask instead of a learned alpha; "none" outputs the raw completion (plain U-Net).
+    fusion: FusionMode = "blend"
+
+    def __post_init__(self) -> None:
+        if len(self.kernel_sizes) != self.levels:
+            raise ValueError(f"kernel_sizes has {len(self.kernel_sizes)} entries, levels={self.levels}")
+        if not 1 <= self.fusion_levels <= self.levels:
+            raise ValueError(f"fusion_levels must be in [1, {self.levels}], got {self.fusion_levels}")
+        if self.alpha_channels not in (1, 3):
+            raise ValueError(f"alpha_channels must be 1 or 3, got {self.alpha_channels}")
+        if self.fusion not in ("blend", "hard", "none"):
+            raise ValueError(f"fusion must be 'blend', 'hard' or 'none', got {self.fusion!r}")
+
+    @property
+    def size_multiple(self) -> int:
+        """Input height and width must be multiples of this (one factor 2 per encoder stage)."""
+        return 2**self.levels
+
+    @property
+    def channels(self) -> list[int]:
+        """Feature widths c_0..c_L: c_0 = 4 (RGB + mask), then base · 2^i capped at max."""
+        return [4] + [min(self.base_channels * 2**i, self.max_channels) for i in range(self.levels)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DFNetConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown DFNetConfig fields: {sorted(unknown)}")
+        values = dict(data)
+        if "kernel_sizes" in values:
+            values["kernel_sizes"] = tuple(values["kernel_sizes"])
+        return cls(**values)
+
+
+PRESETS: dict[str, DFNetConfig] = {
+    # The paper's network: 32,880,504 parameters, inputs in multiples of 256.
+    "official": DFNetConfig(),
+    # Trains usefully on a 2-core CPU in minutes: 1,176,792 parameters, inputs in multiples of 64
+    # (64², 128², ...), fusion on the 4 finest scales.
+    "small": DFNetConfig(
+        levels=6,
+        base_channels=16,
+        max_channels=128,
+        kernel_sizes=(7, 5, 5, 3, 3, 3),
+        fusion_levels=4,
+        blend_channels=16,
+    ),
+}
+
+
+class Conv2dSame(nn.Conv2d):
+    """Conv2d with TensorFlow-style "same" zero padding.
+
+    Total padding is k − s; when it is odd the extra pixel goes on the right/bottom, which is what
+    the released weights were trained with (a symmetric pad would shift every feature map).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride)
+        total = max(kernel_size - stride, 0)
+        before = total // 2
+        self.same_pad = (before, total - before, before, total - before)  # left, right, top, bottom
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(F.pad(x, self.same_pad))
+
+
+class EncoderBlock(nn.Module):
+    """Stride-2 conv → BatchNorm → ReLU (the first block is a bare conv)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, first: bool):
+        super().__init__()
+        self.conv = Conv2dSame(in_channels, out_channels, kernel_size, stride=2)
+        self.norm = nn.Identity() if first else nn.BatchNorm2d(out_channels)
+        self.act = nn.Identity() if first else nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.norm(self.conv(x)))
+
+
+class DecoderBlock(nn.Module):
+    """Nearest ×2 upsample, concat the same-resolution skip, 3×3 conv → BatchNorm → LeakyReLU(0.2)."""
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = Conv2dSame(in_channels + skip_channels, out_channels, 3, stride=1)
+        self.norm = nn.BatchNorm2d(out_channels)
+        self.act = nn.LeakyReLU(0.2, inplace=True)
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.act(self.norm(self.conv(torch.cat([x, skip], dim=1))))
+
+
+class BlendBlock(nn.Module):
+    """α_k = BlendBlock(cat[I_k, C_k]): 1×1 → BN → LReLU → 3×3 → BN → LReLU → 1×1 → sigmoid."""
+
+    def __init__(self, hidden: int, alpha_channels: int):
+        super().__init__()
+        # One Sequential so the layer indices line up with the released checkpoints (0, 1, 3, 4, 6).
+        self.layers = nn.Sequential(
+            Conv2dSame(6, hidden, 1),
+            nn.BatchNorm2d(hidden),
+            nn.LeakyReLU(0.2, inplace=True),
+            Conv2dSame(hidden, 3, 3),
+            nn.BatchNorm2d(3),
+            nn.LeakyReLU(0.2, inplace=True),
+            Conv2dSame(3, alpha_channels, 1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, known: Tensor, raw: Tensor) -> Tensor:
+        return self.layers(torch.cat([known, raw], dim=1))
+
+
+class FusionBlock(nn.Module):
+    """Turns decoder features F_k into an image Î_k = α_k ⊙ C_k + (1 − α_k) ⊙ I_k."""
+
+    def __init__(self, feature_channels: int, config: DFNetConfig):
+        super().__init__()
+        self.mode = config.fusion
+        self.to_image = Conv2dSame(feature_channels, 3, 1)  # C_k before the sigmoid
+        self.blend = BlendBlock(config.blend_channels, config.alpha_channels) if self.mode == "blend" else None
+
+    def forward(self, features: Tensor, masked_image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        size = features.shape[-2:]
+        known = F.interpolate(masked_image, size=size, mode="bilinear", align_corners=False)  # I_k
+        raw = torch.sigmoid(self.to_image(features))  # C_k
+        if self.blend is not None:
+            alpha = self.blend(known, raw)
+        elif self.mode == "hard":
+            alpha = 1.0 - F.interpolate(mask, size=size, mode="bilinear", align_corners=False)
+        else:
+            alpha = torch.ones_like(raw[:, :1])
+        result = alpha * raw + (1.0 - alpha) * known
+        return result, alpha, raw
+
+
+class DFNetOutput(NamedTuple):
+    """Per-scale tensors, finest first (index 0 = full resolution = the paper's k = 1)."""
+
+    results: list[Tensor]  # Î_k
+    alphas: list[Tensor]  # α_k
+    raws: list[Tensor]  # C_k
+
+
+class DFNet(nn.Module):
+    def __init__(self, config: DFNetConfig | None = None):
+        super().__init__()
+        self.config = config or DFNetConfig()
+        c = self.config.channels
+        levels = self.config.levels
+        self.encoder = nn.ModuleList(
+            EncoderBlock(c[i], c[i + 1], self.config.kernel_sizes[i], first=i == 0) for i in range(levels)
+        )
+        # decoder[i] produces the features at the resolution of encoder input i (i = 0: full
+        # resolution), so its skip is the input of encoder block i and its width is c_i.
+        self.decoder = nn.ModuleList(DecoderBlock(c[i + 1], c[i], c[i]) for i in range(levels))
+        self.fusion = nn.ModuleList(FusionBlock(c[i], self.config) for i in range(self.config.fusion_levels))
+
+    def forward(self, image: Tensor, mask: Tensor) -> DFNetOutput:
+        """image: N3HW in [0, 1]; mask: N1HW, 1 = known, 0 = hole."""
+        multiple = self.config.size_multiple
+        if image.shape[-1] % multiple or image.shape[-2] % multiple:
+            raise ValueError(
+                f"input size {tuple(image.shape[-2:])} is not a multiple of {multiple}; "
+                "pad or resize first (dfnet.inpaint.Inpainter does this for you)"
+            )
+        masked_image = image * mask
+        x = torch.cat([masked_image, mask], dim=1)
+        skips = [x]
+        for block in self.encoder:
+            skips.append(block(skips[-1]))
+        features = skips.pop()  # the bottleneck is not a skip
+        decoded: list[Tensor] = []
+        for i in reversed(range(len(self.decoder))):
+            features = self.decoder[i](features, skips[i])
+            decoded.append(features)
+        decoded.reverse()  # finest first
+        results, alphas, raws = [], [], []
+        for block, feats in zip(self.fusion, decoded):
+            result, alpha, raw = block(feats, masked_image, mask)
+            results.append(result)
+            alphas.append(alpha)
+            raws.append(raw)
+        return DFNetOutput(results, alphas, raws)
+
+    @torch.no_grad()
+    def complete(self, image: Tensor, mask: Tensor) -> Tensor:
+        """The inference output: known pixels pasted back over the finest result Î_1."""
+        return image * mask + self(image, mask).results[0] * (1.0 - mask)
+
+    def num_parameters(self) -> int:
+        """Conv weights/biases + BatchNorm affine parameters (what the paper's count covers)."""
+        return sum(p.numel() for p in self.parameters())
+
+    # ----------------------------------------------------------------- model directories
+    def save_pretrained(self, directory: str | Path, provenance: dict[str, Any] | None = None) -> Path:
+        """Write `config.json` (architecture + provenance) and `model.safetensors`."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {"model": self.config.to_dict(), "provenance": provenance or {}}
+        (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_NAME))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> DFNet:
+        """Load a model directory written by `save_pretrained` (or `dfnet import-official`)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        meta = read_model_config(directory)
+        model = cls(DFNetConfig.from_dict(meta["model"]))
+        state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
+        model.load_state_dict(state, strict=True)
+        model.provenance = meta.get("provenance", {})
+        return model.eval()
+
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def read_model_config(directory: str | Path) -> dict[str, Any]:
+    """The parsed `config.json` of a model directory: {"model": {...}, "provenance": {...}}."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a DFNet model directory")
+    return json.loads(path.read_text())
+
+
+def build_model(preset: str = "official", **overrides: Any) -> DFNet:
+    """A freshly initialised DFNet from a named preset, with optional field overrides."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    return DFNet(dataclasses.replace(PRESETS[preset], **overrides))
+
+
+# --------------------------------------------------------------------- official checkpoints
+# The release names modules en_i / de_i / fuse_i (de_0 and fuse_0 are the finest) and wraps
+# odd-padded convs in (ConstantPad2d, Conv2d) Sequentials, hence ".conv.1.". This maps each
+# release key pattern onto this module's names.
+_OFFICIAL_RENAMES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"^en_(\d+)\.encode\.0\.conv\.(?:1\.)?(weight|bias)$"), r"encoder.\1.conv.\2"),
+    (re.compile(r"^en_(\d+)\.encode\.1\.(\w+)$"), r"encoder.\1.norm.\2"),
+    (re.compile(r"^de_(\d+)\.decode\.0\.conv\.(?:1\.)?(weight|bias)$"), r"decoder.\1.conv.\2"),
+    (re.compile(r"^de_(\d+)\.decode\.1\.(\w+)$"), r"decoder.\1.norm.\2"),
+    (re.compile(r"^fuse_(\d+)\.map2img\.0\.conv\.(?:1\.)?(weight|bias)$"), r"fusion.\1.to_image.\2"),
+    (re.compile(r"^fuse_(\d+)\.blend\.blend\.([036])\.conv\.(?:1\.)?(weight|bias)$"), r"fusion.\1.blend.layers.\2.\3"),
+    (re.compile(r"^fuse_(\d+)\.blend\.blend\.([14])\.(\w+)$"), r"fusion.\1.blend.layers.\2.\3"),
+]
+
+
+class CheckpointMismatchError(ValueError):
+    """Raised when an external checkpoint does not fit the model; lists every problem."""
+
+
+def official_to_dfnet_key(key: str) -> str | None:
+    """This project's name for a release state-dict key, or None if it is not a known pattern."""
+    for pattern, replacement in _OFFICIAL_RENAMES:
+        if pattern.match(key):
+            return pattern.sub(replacement, key)
+    return None
+
+
+def _flip_rgb_bgr(state: dict[str, Tensor], levels: int, fusion_levels: int) -> None:
+    """Make BGR-trained weights take and give RGB, in place.
+
+    Colour enters the network in three places and leaves it in two: the first encoder conv and
+    the finest decoder conv (its skip is the raw input) read [B, G, R, mask]; every BlendBlock
+    reads cat[I_k, C_k] (both BGR). Each C_k conv and each alpha conv write BGR. Reversing those
+    input/output channels gives bit-for-bit the same arithmetic on RGB tensors.
+    """
+    rgb = torch.tensor([2, 1, 0])
+
+    def flip_inputs(key: str, start: int) -> None:
+        w = state[key].clone()
+        w[:, start : start + 3] = state[key][:, start + rgb]
+        state[key] = w
+
+    flip_inputs("encoder.0.conv.weight", 0)
+    finest_skip_start = state["decoder.0.conv.weight"].shape[1] - 4  # [upsampled, skip(4)]
+    flip_inputs("decoder.0.conv.weight", finest_skip_start)
+    for k in range(fusion_levels):
+        for name in ("weight", "bias"):
+            state[f"fusion.{k}.to_image.{name}"] = state[f"fusion.{k}.to_image.{name}"][rgb].clone()
+        flip_inputs(f"fusion.{k}.blend.layers.0.weight", 0)
+        flip_inputs(f"fusion.{k}.blend.layers.0.weight", 3)
+        alpha_w = f"fusion.{k}.blend.layers.6.weight"
+        if state[alpha_w].shape[0] == 3:  # per-channel alpha is in BGR order too
+            for name in ("weight", "bias"):
+                key = f"fusion.{k}.blend.layers.6.{name}"
+                state[key] = state[key][rgb].clone()
+
+
+def load_official_state_dict(
+    model: DFNet, official: dict[str, Tensor], channel_order: Literal["bgr", "rgb"] = "bgr"
+) -> None:
+    """Load the authors' released state dict into `model`, checking every name and shape.
+
+    `channel_order="bgr"` (the release read images with OpenCV) rewires the colour channels so
+    this project's RGB API computes what the release computed on the same pixels. Raises
+    CheckpointMismatchError listing unknown, missing and wrongly shaped tensors.
+    """
+    expected = model.state_dict()
+    renamed: dict[str, Tensor] = {}
+    problems: list[str] = []
+    for key, value in official.items():
+        ours = official_to_dfnet_key(key)
+        if ours is None or ours not in expected:
+            problems.append(f"unexpected key {key!r}")
+        elif tuple(value.shape) != tuple(expected[ours].shape):
+            problems.append(
+                f"shape mismatch for {key!r}: checkpoint {tuple(value.shape)}, model {tuple(expected[ours].shape)}"
+            )
+        else:
+            renamed[ours] = value
+    missing = sorted(set(expected) - set(renamed) - {official_to_dfnet_key(k) for k in official})
+    problems += [f"missing key {k!r} (no tensor in the checkpoint maps to it)" for k in missing]
+    if problems:
+        raise CheckpointMismatchError(
+            f"checkpoint does not match the {model.config.levels}-level DFNet "
+            f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
+        )
+    if channel_order == "bgr":
+        _flip_rgb_bgr(renamed, model.config.levels, model.config.fusion_levels)
+    model.load_state_dict(renamed, strict=True)
+
+
+def import_official_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> DFNet:
+    """`dfnet import-official`: read a released `.pth` safely and write a model directory."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise CheckpointMismatchError(f"{checkpoint} does not hold a state dict (got {type(state).__name__})")
+    state = state.get("state_dict", state)
+    model = DFNet(PRESETS["official"])
+    load_official_state_dict(model, state, channel_order="bgr")
+    model.save_pretrained(
+        out_dir,
+        provenance={
+            "source": "official",
+            "checkpoint": Path(checkpoint).name,
+            "channel_order": "converted from BGR to RGB at import",
+            "output_quantization": "floor",  # the release wrote x.mul(255).byte()
+        },
+    )
+    return model.eval()
+
+
+__all__ = [
+    "PRESETS",
+    "BlendBlock",
+    "CheckpointMismatchError",
+    "Conv2dSame",
+    "DFNet",
+    "DFNetConfig",
+    "DFNetOutput",
+    "DecoderBlock",
+    "EncoderBlock",
+    "FusionBlock",
+    "build_model",
+    "import_official_checkpoint",
+    "load_official_state_dict",
+    "official_to_dfnet_key",
+    "read_model_config",
+]
