@@ -13,6 +13,7 @@ channels_last ≈ 1.75× and bit-identical, and the same under bf16 autocast ≈
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -138,11 +139,8 @@ class InferenceRunner:
         self._compiled_ok = False  # set once a compiled call has succeeded
         self._compiled_fn: Callable[[Tensor, Tensor], Tensor] | None = None
         if compile:
-            # freezing=True lets inductor treat the weights as constants: it folds BN itself,
-            # prepacks conv weights for oneDNN and constant-folds what depends on weights only.
-            # Passed as per-compile options rather than by flipping the process-wide config.
-            options = {"freezing": True} if _inductor_has_option("freezing") else None
-            self._compiled_fn = torch.compile(self._eager, dynamic=False, options=options)
+            # dynamic=False: one specialised graph per input shape (a server sees few shapes).
+            self._compiled_fn = torch.compile(self._eager, dynamic=False)
 
     def __repr__(self) -> str:
         return (
@@ -167,7 +165,8 @@ class InferenceRunner:
         image, mask = self._prepare(image), self._prepare(mask)
         if self.compiled and self._compiled_fn is not None:
             try:
-                out = self._compiled_fn(image, mask)
+                with _freezing():
+                    out = self._compiled_fn(image, mask)
                 self._compiled_ok = True
             except Exception as error:  # noqa: BLE001 - any compiler failure must not crash inference
                 if self._compiled_ok:
@@ -219,12 +218,22 @@ class InferenceRunner:
             torch.cuda.synchronize(self.device)
 
 
-def _inductor_has_option(name: str) -> bool:
+def _freezing() -> contextlib.AbstractContextManager[object]:
+    """Inductor's `freezing` switched on for the duration of a compiled call.
+
+    Freezing lets inductor treat the weights as constants: it folds BN itself, prepacks conv
+    weights for oneDNN and constant-folds whatever depends on weights only. It has to be on in
+    the global config while dynamo *traces* (dynamo reads it to decide whether parameters are
+    graph inputs), so `torch.compile(options={"freezing": True})` alone is not enough; a
+    scoped patch keeps the rest of the process unaffected.
+    """
     try:
         import torch._inductor.config as inductor_config
-    except Exception:  # noqa: BLE001 - an unusual build without inductor
-        return False
-    return hasattr(inductor_config, name)
+    except Exception:  # noqa: BLE001 - an unusual build without inductor: compile as is
+        return contextlib.nullcontext()
+    if not hasattr(inductor_config, "freezing"):
+        return contextlib.nullcontext()
+    return inductor_config.patch(freezing=True)
 
 
 def _check_dtype(dtype: torch.dtype | None, device: torch.device) -> torch.dtype | None:

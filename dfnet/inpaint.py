@@ -197,7 +197,7 @@ class Inpainter:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         crop = rgb[window.y0 : window.y1, window.x0 : window.x1]
         known = (~hole[window.y0 : window.y1, window.x0 : window.x1]).astype(np.float32)
-        image = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float().div(255)
+        image = torch.from_numpy(crop.copy()).permute(2, 0, 1).float().div(255)
         known_t = torch.from_numpy(known)[None]
         if scale < 1.0:
             target = (round(window.height * scale), round(window.width * scale))

@@ -70,9 +70,10 @@ def boundary_band(mask: torch.Tensor, width: int) -> torch.Tensor:
     return near_known * (1.0 - known)
 
 
-def default_band_width(height: int, width: int) -> int:
-    """Default BPE band width: 5 px at 256x256, scaled with the shorter side (at least 1)."""
-    return max(1, round(5 * min(height, width) / 256))
+def default_band_width(height: int, width: int, width_at_256: int = 5) -> int:
+    """BPE band width for an image size: `width_at_256` px at 256x256 (the project's default 5;
+    the paper does not publish its n), scaled with the shorter side, at least 1."""
+    return max(1, round(width_at_256 * min(height, width) / 256))
 
 
 def bpe(

@@ -49,9 +49,9 @@ class ModelParams:
 
 @dataclass
 class TrainParams:
-    epochs: int = 6
-    steps_per_epoch: int = 60
-    batch_size: int = 8
+    epochs: int = 10
+    steps_per_epoch: int = 100
+    batch_size: int = 16
     lr: float = 2e-3
     lr_decay_epochs: int = 5
     lr_decay_gamma: float = 0.1
@@ -69,6 +69,7 @@ class TrainParams:
 @dataclass
 class EvaluateParams:
     band_width: int = 5
+    pairs_per_bin: int = 64
     grid_rows: int = 6
     out_dir: str = "metrics"
 

@@ -1,0 +1,433 @@
+"""Training data: sample photos, decoding, crops, deterministic splits, Parquet shards, masks.
+
+Everything here is plain numpy/Pillow/pyarrow so it can be used (and tested) without Ray;
+``pipelines/prepare.py`` runs these functions inside Ray Data tasks.
+
+Splits are decided per *source photo*, never per crop: every crop of one photo carries the
+photo's split, so a validation or test crop never comes from a photo that training saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from PIL import Image, ImageOps
+
+from dfnet.masks import random_affine
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "PARQUET_SCHEMA",
+    "SPLITS",
+    "MaskSampler",
+    "center_crop_resize",
+    "crop_rng",
+    "decode_image",
+    "decode_png_batch",
+    "encode_png",
+    "filesystem_for",
+    "quota_splits",
+    "random_crops",
+    "read_split",
+    "sample_photo_paths",
+    "sample_photos",
+    "split_of",
+    "stable_hash",
+    "try_decode_image",
+]
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+#: File extensions read from folder and S3 sources (matched case-insensitively).
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    "png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff", "webp", "ppm", "pgm",
+)  # fmt: skip
+
+#: One row per crop. ``key`` = ``"{source}#{crop index:05d}"`` (unique); ``source`` = the key of
+#: the photo the crop came from (its path relative to the source root); ``image`` = PNG bytes.
+PARQUET_SCHEMA: pa.Schema = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+    ]
+)
+
+# Natural photographs that ship inside scikit-image and scikit-learn, keyed by a name that does
+# not depend on where the packages are installed. Left out on purpose: synthetic or drawn images
+# (chessboard, color, logo, phantom, horse, text, page), the motion-blur demo (clock_motion),
+# near-duplicates (motorcycle_right is the stereo twin of motorcycle_left: the two would leak
+# across splits), micro-thumbnails (microaneurysms) and retina.jpg (mostly black border).
+# Grey photos are kept; decoding turns them into RGB.
+_SKIMAGE_PHOTOS = (
+    "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+    "hubble_deep_field.jpg", "ihc.png", "camera.png", "coins.png", "moon.png", "brick.png",
+    "grass.png", "gravel.png",
+)  # fmt: skip
+_SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
+
+
+def sample_photos() -> dict[str, Path]:
+    """The embedded default data set: ``{key: path}`` of photos bundled with installed packages.
+
+    Keys look like ``"skimage/astronaut.png"`` so splits do not depend on the install location.
+    Photos missing from an installed version are left out; at least one must exist.
+    """
+    found: dict[str, Path] = {}
+    try:
+        import skimage
+
+        folder = Path(skimage.__file__).parent / "data"
+        for name in _SKIMAGE_PHOTOS:
+            if (folder / name).is_file():
+                found[f"skimage/{name}"] = folder / name
+    except ImportError:
+        pass
+    try:
+        import sklearn
+
+        folder = Path(sklearn.__file__).parent / "datasets" / "images"
+        for name in _SKLEARN_PHOTOS:
+            if (folder / name).is_file():
+                found[f"sklearn/{name}"] = folder / name
+    except ImportError:
+        pass
+    if not found:
+        raise FileNotFoundError(
+            "no sample photos found: install scikit-image and/or scikit-learn, "
+            "or set data.source to a folder or s3:// prefix"
+        )
+    return dict(sorted(found.items()))
+
+
+def sample_photo_paths() -> list[Path]:
+    """Paths of :func:`sample_photos`, sorted by key."""
+    return list(sample_photos().values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding and encoding
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB.
+
+    16-bit and 32-bit grey are rescaled rather than clipped (Pillow's own ``convert`` would clip
+    every value above 255 to white); transparency is composited over white, the way viewers
+    show it, instead of exposing whatever colour hides under transparent pixels.
+    """
+    mode = image.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if mode.startswith("I;16"):
+            top = 65535.0
+        elif mode == "I":
+            # 32-bit integer images are usually 16-bit data held in a wider type.
+            top = 65535.0 if values.max(initial=0.0) > 255 else 255.0
+        else:
+            top = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0
+        grey = np.clip(np.rint(values / top * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def try_decode_image(data: bytes) -> tuple[np.ndarray | None, str]:
+    """Decode image bytes to ``HxWx3`` uint8 RGB; returns ``(array, "")`` or ``(None, reason)``.
+
+    Never raises for bad input: truncated files, non-images and decompression bombs (Pillow's
+    ``MAX_IMAGE_PIXELS`` guard is left on) come back as ``None`` with a short reason. The first
+    frame of animated/multi-page files is used, and EXIF orientation is applied so phone photos
+    stand upright.
+    """
+    try:
+        with warnings.catch_warnings():
+            # Images between MAX_IMAGE_PIXELS and twice that only warn; treat them as errors too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                # open() only reads the header; load() decodes, so truncation shows up here.
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                rgb = _to_rgb(image)
+                array = np.asarray(rgb, dtype=np.uint8).copy()
+    except Image.UnidentifiedImageError:
+        return None, "not a recognised image format"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return None, f"too large: {exc}"
+    except Exception as exc:  # any decoder failure means "unreadable", never a crash
+        return None, f"{type(exc).__name__}: {exc}"
+    if array.ndim != 3 or array.shape[2] != 3 or array.shape[0] < 1 or array.shape[1] < 1:
+        return None, f"unexpected decoded shape {array.shape}"
+    return array, ""
+
+
+def decode_image(data: bytes) -> np.ndarray | None:
+    """``HxWx3`` uint8 RGB from encoded bytes, or None when they are not a readable image."""
+    return try_decode_image(data)[0]
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """Lossless PNG bytes of an ``HxWx3`` (or ``HxW``) uint8 array; deterministic."""
+    array = np.asarray(array)
+    if array.dtype != np.uint8:
+        raise ValueError(f"encode_png expects uint8, got {array.dtype}")
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+def decode_png_batch(blobs: Sequence[bytes]) -> np.ndarray:
+    """Decode a batch of same-sized encoded images to ``(N, H, W, 3)`` uint8."""
+    arrays = []
+    for index, blob in enumerate(blobs):
+        array, reason = try_decode_image(blob)
+        if array is None:
+            raise ValueError(f"image {index} of the batch is unreadable: {reason}")
+        if arrays and array.shape != arrays[0].shape:
+            raise ValueError(f"image {index} has shape {array.shape}, expected {arrays[0].shape}")
+        arrays.append(array)
+    if not arrays:
+        raise ValueError("decode_png_batch needs at least one image")
+    return np.stack(arrays)
+
+
+# ---------------------------------------------------------------------------------------------
+# Crops
+
+
+def stable_hash(key: str) -> int:
+    """A 64-bit hash of ``key`` that is the same in every process and Python version."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
+
+
+def crop_rng(seed: int, key: str) -> np.random.Generator:
+    """The generator for the crops of photo ``key``: depends only on (seed, key)."""
+    return np.random.default_rng([int(seed), stable_hash(key)])
+
+
+def _square_resize(
+    image: Image.Image, box: tuple[float, float, float, float], size: int
+) -> np.ndarray:
+    # Pillow's resize with a box resamples straight from the source region, with proper
+    # antialiasing when shrinking: one filter pass instead of resize-then-crop.
+    out = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    return np.asarray(out, dtype=np.uint8).copy()
+
+
+def random_crops(
+    image: np.ndarray,
+    size: int,
+    count: int,
+    rng: np.random.Generator,
+    min_fraction: float = 0.5,
+) -> list[np.ndarray]:
+    """``count`` random square crops of ``image`` (HxWx3 uint8), resized to ``size`` x ``size``.
+
+    Each crop is a square window whose side is a uniform random fraction in
+    ``[min_fraction, 1]`` of the photo's short side, placed uniformly at random, then resampled
+    to ``size``. This is the same as resizing the short side to a random length in
+    ``[size, size / min_fraction]`` (``[size, 2 * size]`` by default) and cutting a
+    ``size`` crop: every crop sees between half and all of the photo's height (or width), so
+    small training crops still show whole objects rather than flat patches. Photos smaller than
+    ``size`` are upscaled.
+    """
+    if size < 1 or count < 0:
+        raise ValueError("size must be >= 1 and count >= 0")
+    if not 0.0 < min_fraction <= 1.0:
+        raise ValueError("min_fraction must be in (0, 1]")
+    height, width = image.shape[:2]
+    short = min(height, width)
+    pil = Image.fromarray(np.ascontiguousarray(image))
+    crops = []
+    for _ in range(count):
+        side = short * float(rng.uniform(min_fraction, 1.0))
+        left = float(rng.uniform(0.0, width - side))
+        top = float(rng.uniform(0.0, height - side))
+        crops.append(_square_resize(pil, (left, top, left + side, top + side), size))
+    return crops
+
+
+def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """The largest centred square of ``image`` resized to ``size`` x ``size`` (HxWx3 uint8)."""
+    if size < 1:
+        raise ValueError("size must be >= 1")
+    height, width = image.shape[:2]
+    short = min(height, width)
+    left = (width - short) / 2.0
+    top = (height - short) / 2.0
+    pil = Image.fromarray(np.ascontiguousarray(image))
+    return _square_resize(pil, (left, top, left + short, top + short), size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits
+
+
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction > 1:
+        raise ValueError(
+            "need val_fraction, test_fraction >= 0 with a sum <= 1, "
+            f"got {val_fraction}, {test_fraction}"
+        )
+
+
+def _unit(key: str) -> float:
+    return stable_hash(key) / 2.0**64
+
+
+def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
+    """``"train"``, ``"val"`` or ``"test"`` for the source photo ``key``, from a stable hash.
+
+    The hash maps the key to u in [0, 1): u < test_fraction -> test, then the next val_fraction
+    -> val, the rest -> train. A photo's split never changes when other photos are added or
+    removed, which is what large folder/S3 sources need. Call it with the *photo* key so all
+    crops of a photo share its split.
+    """
+    _check_fractions(val_fraction, test_fraction)
+    u = _unit(key)
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def quota_splits(keys: Iterable[str], val_fraction: float, test_fraction: float) -> dict[str, str]:
+    """Splits for a *small, fixed* set of photos (the sample source) by quotas instead of chance.
+
+    With ~15 photos, independent hash draws can leave val or test empty. Here the photos are
+    ordered by the same stable hash as :func:`split_of` and the first
+    ``max(1, round(n * test_fraction))`` go to test, the next ``max(1, round(n * val_fraction))``
+    to val and the rest to train (a zero fraction gives an empty split; train always keeps at
+    least one photo). Deterministic, and each photo gets exactly one split.
+    """
+    _check_fractions(val_fraction, test_fraction)
+    ordered = sorted(set(keys), key=lambda k: (_unit(k), k))
+    n = len(ordered)
+    n_test = max(1, round(n * test_fraction)) if test_fraction > 0 else 0
+    n_val = max(1, round(n * val_fraction)) if val_fraction > 0 else 0
+    # Keep at least one training photo: shrink val first, then test.
+    while n_test + n_val > max(n - 1, 0) and (n_val or n_test):
+        if n_val >= n_test and n_val:
+            n_val -= 1
+        else:
+            n_test -= 1
+    result = {}
+    for index, key in enumerate(ordered):
+        if index < n_test:
+            result[key] = "test"
+        elif index < n_test + n_val:
+            result[key] = "val"
+        else:
+            result[key] = "train"
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage
+
+
+def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it for a local path or a URI such as ``s3://``.
+
+    For S3 the endpoint comes from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (S3-compatible
+    stores), the region from ``AWS_REGION``/``AWS_DEFAULT_REGION``. Credentials found in the
+    environment are passed explicitly so the filesystem object carries them when pickled to Ray
+    workers whose environment lacks them; without them the SDK's default chain (config files,
+    instance roles) applies.
+    """
+    uri = str(uri)
+    if uri.startswith("s3://"):
+        env = os.environ
+        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
+        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
+        access_key = env.get("AWS_ACCESS_KEY_ID")
+        secret_key = env.get("AWS_SECRET_ACCESS_KEY")
+        creds: dict[str, str] = {}
+        if access_key and secret_key:
+            creds = {"access_key": access_key, "secret_key": secret_key}
+            if env.get("AWS_SESSION_TOKEN"):
+                creds["session_token"] = env["AWS_SESSION_TOKEN"]
+        fs = pafs.S3FileSystem(endpoint_override=endpoint, region=region, **creds)
+        return fs, uri[len("s3://") :].rstrip("/")
+    if "://" in uri:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        return fs, path.rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def _shard_paths(fs: pafs.FileSystem, directory: str) -> list[str]:
+    selector = pafs.FileSelector(directory, allow_not_found=True, recursive=False)
+    infos = fs.get_file_info(selector)
+    return sorted(
+        i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+    )
+
+
+def read_split(root: str, split: str, filesystem: pafs.FileSystem | None = None) -> pa.Table:
+    """All Parquet shards ``{root}/{split}/*.parquet`` as one table (rows in shard order).
+
+    ``root`` may be a local folder or a URI (``s3://bucket/prefix``); with ``filesystem``
+    given, ``root`` is a path inside it.
+    """
+    if filesystem is None:
+        filesystem, root = filesystem_for(root)
+    directory = f"{str(root).rstrip('/')}/{split}"
+    paths = _shard_paths(filesystem, directory)
+    if not paths:
+        raise FileNotFoundError(f"no Parquet shards in {directory}; run the prepare stage first")
+    tables = [pq.read_table(p, filesystem=filesystem, schema=PARQUET_SCHEMA) for p in paths]
+    return pa.concat_tables(tables)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks at training time
+
+
+class MaskSampler:
+    """Draws training masks from a fixed pool with the paper's random affine augmentation."""
+
+    def __init__(self, pool: np.ndarray, seed: int, max_tries: int = 5) -> None:
+        pool = np.asarray(pool)
+        if pool.ndim != 3 or pool.shape[0] == 0:
+            raise ValueError(f"expected a (count, H, W) mask pool, got shape {pool.shape}")
+        self.pool = pool
+        self.rng = np.random.default_rng(seed)
+        self.max_tries = max_tries
+
+    def _one(self, index: int) -> np.ndarray:
+        base = self.pool[index]
+        has_hole = bool(np.any(base < 0.5))
+        for _ in range(self.max_tries):
+            mask = random_affine(base, self.rng)
+            # The warp can push a small hole out of the frame; a hole-free mask teaches nothing
+            # about completion, so draw another warp (and keep the original if all fail).
+            if not has_hole or np.any(mask < 0.5):
+                return mask
+        return base
+
+    def sample(self, n: int) -> np.ndarray:
+        """``(n, 1, H, W)`` float32 masks, 1 = known, 0 = hole."""
+        indices = self.rng.integers(0, self.pool.shape[0], size=n)
+        out = np.empty((n, 1, *self.pool.shape[1:]), dtype=np.float32)
+        for row, index in enumerate(indices):
+            out[row, 0] = self._one(int(index)) >= 0.5
+        return out

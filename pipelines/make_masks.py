@@ -1,0 +1,131 @@
+"""DVC stage ``masks``: the training mask pool and the fixed evaluation masks per hole-ratio bin.
+
+    python -m pipelines.make_masks --params params.yaml
+
+Writes ``masks.out`` (a bit-packed ``.npz`` read by :func:`dfnet.masks.load_masks`) holding
+
+- ``pool``: ``(pool_size, S, S)`` free-form training masks (augmented on the fly at training
+  time by :class:`dfnet.data.MaskSampler`), and
+- ``eval_bin0`` ... ``eval_bin4``: ``(eval_per_bin, S, S)`` masks whose hole ratios fall in
+  :data:`dfnet.masks.HOLE_BINS` ``[0, 10%)`` ... ``[40%, 50%)``,
+
+with ``S = data.image_size`` and 1 = known, 0 = hole. Beside it: ``masks_summary.json`` (hole
+ratio statistics) and ``masks_preview.png`` (a grid to look at: white = known, black = hole).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import posixpath
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+from PIL import Image
+
+from dfnet.data import filesystem_for
+from dfnet.masks import HOLE_BINS, evaluation_masks, hole_ratio, mask_pool, save_masks
+from dfnet.params import MaskParams, load_params
+
+log = logging.getLogger("pipelines.make_masks")
+
+PREVIEW_COLUMNS = 8
+_GAP = 2  # grey pixels between preview tiles
+
+
+def _seeds(seed: int) -> tuple[int, int]:
+    """Independent seeds for the pool and the evaluation set, both derived from ``seed``.
+
+    Spawning keeps the two streams unrelated (seed and seed + 1 would overlap between runs
+    with neighbouring seeds).
+    """
+    children = np.random.SeedSequence(seed).spawn(2)
+    pool_seed, eval_seed = (int(child.generate_state(1)[0]) for child in children)
+    return pool_seed, eval_seed
+
+
+def preview_grid(rows: list[np.ndarray], columns: int = PREVIEW_COLUMNS) -> Image.Image:
+    """Tile rows of ``(n, H, W)`` 0/1 masks into one grey image (white = known, black = hole)."""
+    height, width = rows[0].shape[1:]
+    canvas = np.full(
+        (len(rows) * (height + _GAP) + _GAP, columns * (width + _GAP) + _GAP), 128, np.uint8
+    )
+    for r, masks in enumerate(rows):
+        for c, mask in enumerate(masks[:columns]):
+            top, left = _GAP + r * (height + _GAP), _GAP + c * (width + _GAP)
+            canvas[top : top + height, left : left + width] = mask * 255
+    return Image.fromarray(canvas)
+
+
+def _ratio_stats(masks: np.ndarray) -> dict[str, float | int]:
+    ratios = [hole_ratio(m) for m in masks]
+    if not ratios:
+        return {"count": 0}
+    return {
+        "count": len(ratios),
+        "hole_ratio_mean": round(float(np.mean(ratios)), 4),
+        "hole_ratio_min": round(float(np.min(ratios)), 4),
+        "hole_ratio_max": round(float(np.max(ratios)), 4),
+    }
+
+
+def make_masks(masks: MaskParams, image_size: int) -> dict[str, Any]:
+    """Generate, store and summarise the masks for ``masks`` at ``image_size``; returns the summary.
+
+    ``masks.out`` may be a local path or a URI such as ``s3://bucket/masks.npz``.
+    """
+    if image_size < 1 or masks.pool_size < 1 or masks.eval_per_bin < 0:
+        raise ValueError("need image_size >= 1, masks.pool_size >= 1 and masks.eval_per_bin >= 0")
+    pool_seed, eval_seed = _seeds(masks.seed)
+    log.info("drawing %d pool masks at %dx%d", masks.pool_size, image_size, image_size)
+    pool = mask_pool(masks.pool_size, image_size, image_size, pool_seed)
+    log.info("drawing %d evaluation masks per bin", masks.eval_per_bin)
+    per_bin = evaluation_masks(masks.eval_per_bin, image_size, image_size, eval_seed)
+
+    arrays = {"pool": pool} | {f"eval_bin{i}": per_bin[i] for i in range(len(HOLE_BINS))}
+    fs, out_path = filesystem_for(masks.out)
+    folder = posixpath.dirname(out_path)
+    if isinstance(fs, pafs.LocalFileSystem):  # object stores need (and want) no directories
+        fs.create_dir(folder, recursive=True)
+    buffer = io.BytesIO()
+    save_masks(buffer, arrays)
+    with fs.open_output_stream(out_path) as stream:
+        stream.write(buffer.getvalue())
+
+    summary: dict[str, Any] = {
+        "out": masks.out,
+        "image_size": image_size,
+        "seed": masks.seed,
+        "pool": _ratio_stats(pool),
+        "eval_bins": [
+            {"bin": i, "range": list(HOLE_BINS[i])} | _ratio_stats(per_bin[i])
+            for i in range(len(HOLE_BINS))
+        ],
+    }
+    with fs.open_output_stream(posixpath.join(folder, "masks_summary.json")) as stream:
+        stream.write((json.dumps(summary, indent=2) + "\n").encode("utf-8"))
+
+    rows = [pool] + [per_bin[i] for i in range(len(HOLE_BINS)) if len(per_bin[i])]
+    png = io.BytesIO()
+    preview_grid(rows).save(png, format="PNG")
+    with fs.open_output_stream(posixpath.join(folder, "masks_preview.png")) as stream:
+        stream.write(png.getvalue())
+    log.info("wrote %s, masks_summary.json and masks_preview.png", masks.out)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="path to params.yaml")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    params = load_params(args.params)
+    summary = make_masks(params.masks, params.data.image_size)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""DVC stage ``prepare``: raw photos -> square training crops in Parquet shards, split by photo.
+
+    python -m pipelines.prepare --params params.yaml
+
+Ray Data reads the source named by ``data.source`` in params.yaml:
+
+- ``sample``: the photos bundled with scikit-image / scikit-learn (works offline); each photo
+  gives ``crops_per_image`` random crops (seeded by ``(seed, photo key)``), and splits are given
+  by quotas so val and test are never empty (:func:`dfnet.data.quota_splits`);
+- a local folder (read recursively, image extensions only) or ``s3://bucket/prefix`` (endpoint
+  from ``AWS_ENDPOINT_URL``): one centred crop per photo, split by a hash of the photo's path
+  relative to the source root (:func:`dfnet.data.split_of`), so adding photos never moves
+  existing ones between splits.
+
+Unreadable files are skipped and listed in the report; they never fail the stage. Output:
+``{out_dir}/{train,val,test}/part-NNNNN.parquet`` (``shard_rows`` rows each, schema
+:data:`dfnet.data.PARQUET_SCHEMA`, rows sorted by key so reruns write identical tables) and
+``{out_dir}/report.json``. ``out_dir`` may be an ``s3://`` URI.
+
+On a multi-node cluster a local folder must be reachable from every node (shared filesystem);
+S3 or the sample source need nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from dfnet.data import (
+    IMAGE_EXTENSIONS,
+    PARQUET_SCHEMA,
+    SPLITS,
+    center_crop_resize,
+    crop_rng,
+    encode_png,
+    filesystem_for,
+    quota_splits,
+    random_crops,
+    sample_photos,
+    split_of,
+    try_decode_image,
+)
+from dfnet.params import DataParams, load_params
+
+log = logging.getLogger("pipelines.prepare")
+
+
+def ensure_ray() -> None:
+    """Connect to Ray if this process is not connected yet (a local instance, or the cluster
+    named by ``RAY_ADDRESS`` / started with ``ray start``), with usage stats off by default."""
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init()
+
+
+@dataclass(frozen=True)
+class _CropSpec:
+    """Everything a Ray task needs to turn one file into rows (pickled into the tasks)."""
+
+    image_size: int
+    crops_per_image: int  # 0 = one centre crop
+    seed: int
+    val_fraction: float
+    test_fraction: float
+    root: str | None  # keys are paths relative to this (folder / S3 sources)
+    keys: dict[str, str] | None  # path -> key (sample source)
+    splits: dict[str, str] | None  # key -> split (sample source quotas)
+
+    def key_of(self, path: str) -> str:
+        if self.keys is not None:
+            return self.keys[path]
+        root = (self.root or "").rstrip("/")
+        if path == root:  # the source named a single file
+            return os.path.basename(path)
+        if root and path.startswith(root + "/"):
+            return path[len(root) + 1 :]
+        return path
+
+    def split_of(self, key: str) -> str:
+        if self.splits is not None:
+            return self.splits[key]
+        return split_of(key, self.val_fraction, self.test_fraction)
+
+
+def _file_rows(spec: _CropSpec, row: dict[str, Any]) -> list[dict[str, Any]]:
+    """Ray ``flat_map`` body: one file -> its crop rows, or one error row if unreadable.
+
+    Failed files travel through the dataset beside the good rows, marked by a non-empty
+    ``error``, so the driver can report them without a second pass over the files.
+    """
+    key = spec.key_of(str(row["path"]))
+    image, reason = try_decode_image(row["bytes"])
+    if image is None:
+        return [
+            {"key": key, "source": key, "split": "", "image": b"", "height": 0, "width": 0,
+             "error": reason or "unreadable"}
+        ]  # fmt: skip
+    if spec.crops_per_image > 0:
+        rng = crop_rng(spec.seed, key)
+        crops = random_crops(image, spec.image_size, spec.crops_per_image, rng)
+    else:
+        crops = [center_crop_resize(image, spec.image_size)]
+    split = spec.split_of(key)
+    return [
+        {"key": f"{key}#{index:05d}", "source": key, "split": split, "image": encode_png(crop),
+         "height": crop.shape[0], "width": crop.shape[1], "error": ""}
+        for index, crop in enumerate(crops)
+    ]  # fmt: skip
+
+
+class _ShardWriter:
+    """Buffers one split's rows and writes ``part-NNNNN.parquet`` files of ``shard_rows`` rows."""
+
+    def __init__(self, fs: pafs.FileSystem, directory: str, shard_rows: int) -> None:
+        self.fs = fs
+        self.directory = directory
+        self.shard_rows = shard_rows
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.shards = 0
+        self.rows = 0
+        self.sources: set[str] = set()
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        self.sources.update(table.column("source").to_pylist())
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        while self.pending_rows >= self.shard_rows:
+            merged = pa.concat_tables(self.pending)
+            self._write(merged.slice(0, self.shard_rows))
+            rest = merged.slice(self.shard_rows)
+            self.pending, self.pending_rows = [rest], rest.num_rows
+
+    def close(self) -> None:
+        # Every split gets at least one (possibly empty) shard so readers find all three.
+        if self.pending_rows or self.shards == 0:
+            merged = (
+                pa.concat_tables(self.pending) if self.pending else PARQUET_SCHEMA.empty_table()
+            )
+            self._write(merged)
+        self.pending, self.pending_rows = [], 0
+
+    def _write(self, table: pa.Table) -> None:
+        path = f"{self.directory}/part-{self.shards:05d}.parquet"
+        # PNG bytes do not compress further; skipping compression keeps reads cheap.
+        pq.write_table(table.cast(PARQUET_SCHEMA), path, filesystem=self.fs, compression="none")
+        self.shards += 1
+        self.rows += table.num_rows
+        log.info("wrote %s (%d rows)", path, table.num_rows)
+
+
+def _make_dir(fs: pafs.FileSystem, path: str) -> None:
+    # Object stores have no directories (creating one would leave marker objects behind).
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(path, recursive=True)
+
+
+def _source_plan(params: DataParams) -> tuple[Any, pafs.FileSystem, _CropSpec, list[str] | None]:
+    """What to read, with which filesystem, and how to turn files into rows."""
+    common = {
+        "image_size": params.image_size,
+        "seed": params.seed,
+        "val_fraction": params.val_fraction,
+        "test_fraction": params.test_fraction,
+    }
+    if params.source == "sample":
+        photos = sample_photos()
+        paths = [os.path.abspath(p) for p in photos.values()]
+        spec = _CropSpec(
+            crops_per_image=params.crops_per_image,
+            root=None,
+            keys=dict(zip(paths, photos, strict=True)),
+            splits=quota_splits(photos, params.val_fraction, params.test_fraction),
+            **common,
+        )
+        return paths, pafs.LocalFileSystem(), spec, None
+    fs, root = filesystem_for(params.source)
+    spec = _CropSpec(crops_per_image=0, root=root, keys=None, splits=None, **common)
+    return root, fs, spec, list(IMAGE_EXTENSIONS)
+
+
+def prepare(params: DataParams) -> dict[str, Any]:
+    """Run the stage for ``params`` (the ``data`` section); returns the report it writes."""
+    import ray
+
+    if params.image_size < 1 or params.shard_rows < 1:
+        raise ValueError("data.image_size and data.shard_rows must be >= 1")
+    if params.source == "sample" and params.crops_per_image < 1:
+        raise ValueError("data.crops_per_image must be >= 1 for the sample source")
+    started = time.perf_counter()
+    ensure_ray()
+
+    paths, read_fs, spec, extensions = _source_plan(params)
+    log.info("reading %s (image size %d)", params.source, params.image_size)
+    dataset = ray.data.read_binary_files(
+        paths, include_paths=True, filesystem=read_fs, file_extensions=extensions
+    )
+    # Sorting by key makes the shard contents independent of task scheduling: reruns and
+    # different cluster sizes write the same tables.
+    dataset = dataset.flat_map(functools.partial(_file_rows, spec)).sort("key")
+
+    out_fs, out_root = filesystem_for(params.out_dir)
+    writers = {}
+    for split in SPLITS:
+        directory = f"{out_root}/{split}"
+        # Stale shards of an earlier, larger run would otherwise be read as part of this one.
+        out_fs.delete_dir_contents(directory, missing_dir_ok=True)
+        _make_dir(out_fs, directory)
+        writers[split] = _ShardWriter(out_fs, directory, params.shard_rows)
+
+    skipped: list[dict[str, str]] = []
+    batch_size = max(params.shard_rows, 256)
+    for batch in dataset.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
+        errors = np.asarray(batch.column("error").to_pylist(), dtype=object)
+        failed = errors != ""
+        for index in np.flatnonzero(failed):
+            skipped.append({"file": batch.column("source")[index].as_py(), "reason": errors[index]})
+            log.warning("skipped %s: %s", skipped[-1]["file"], skipped[-1]["reason"])
+        good = batch.filter(pa.array(~failed)).drop_columns(["error"])
+        split_column = np.asarray(good.column("split").to_pylist(), dtype=object)
+        for split, writer in writers.items():
+            writer.add(good.filter(pa.array(split_column == split)))
+    for writer in writers.values():
+        writer.close()
+
+    skipped.sort(key=lambda item: item["file"])
+    splits = {
+        split: {"images": len(w.sources), "crops": w.rows, "shards": w.shards}
+        for split, w in writers.items()
+    }
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        if writers[a].sources & writers[b].sources:  # guards the split-by-photo promise
+            raise RuntimeError(f"a source photo landed in both {a} and {b}")
+    report = {
+        "source": params.source,
+        "out_dir": params.out_dir,
+        "image_size": params.image_size,
+        "crops_per_image": spec.crops_per_image or 1,
+        "crop_mode": "random" if spec.crops_per_image else "center",
+        "seed": params.seed,
+        "val_fraction": params.val_fraction,
+        "test_fraction": params.test_fraction,
+        "files_read": sum(s["images"] for s in splits.values()) + len(skipped),
+        "splits": splits,
+        "num_skipped": len(skipped),
+        "skipped": skipped,
+        "elapsed_seconds": round(time.perf_counter() - started, 3),
+    }
+    _make_dir(out_fs, out_root)
+    with out_fs.open_output_stream(f"{out_root}/report.json") as stream:
+        stream.write((json.dumps(report, indent=2) + "\n").encode("utf-8"))
+    log.info(
+        "done in %.1f s: %s; %d file(s) skipped",
+        report["elapsed_seconds"],
+        ", ".join(f"{k} {v['images']} photos / {v['crops']} crops" for k, v in splits.items()),
+        len(skipped),
+    )
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="path to params.yaml")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    prepare(load_params(args.params).data)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""DFNet models in the MLflow Model Registry.
+
+A registered version is an MLflow pyfunc whose artifact is the model directory
+(config.json + model.safetensors), so both styles work:
+`mlflow.pyfunc.load_model("models:/dfnet@champion").predict({"image": ..., "mask": ...})` and
+`download_registered_model("models:/dfnet@champion")` → a directory for `Inpainter`/`DFNet`.
+Each version carries its evaluation metric as a tag; the alias moves only to a better one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+log = logging.getLogger("dfnet.registry")
+ARTIFACT_KEY = "model_dir"
+METRIC_TAG_PREFIX = "metric."
+
+
+class DFNetPyfunc(mlflow.pyfunc.PythonModel):
+    """pyfunc input: {"image": N×H×W×3 uint8, "mask": N×H×W uint8 (white = hole)} → N×H×W×3 uint8."""
+
+    def load_context(self, context: Any) -> None:
+        from dfnet.inpaint import Inpainter
+
+        self.inpainter = Inpainter.from_pretrained(context.artifacts[ARTIFACT_KEY])
+
+    def predict(self, context: Any, model_input: dict[str, np.ndarray], params: dict | None = None) -> np.ndarray:
+        images, masks = model_input["image"], model_input["mask"]
+        out = self.inpainter.inpaint_batch(list(images), list(masks), mask_convention="hole-white")
+        return np.stack([np.asarray(o) for o in out])
+
+
+@dataclass
+class Registration:
+    name: str
+    version: str
+    promoted: bool
+    metric: str
+    value: float
+    previous_champion: float | None
+
+
+def register_model(
+    model_dir: str | Path,
+    name: str,
+    alias: str,
+    metric: str,
+    value: float,
+    lower_is_better: bool = True,
+    run_id: str | None = None,
+) -> Registration:
+    """Log `model_dir` as a pyfunc, register it as a new version of `name`, and point `alias`
+    at it when `value` beats the current holder of the alias (or there is none).
+
+    Logs into `run_id` if given, else into the active run, else a new run.
+    """
+    client = MlflowClient()
+    context = mlflow.start_run(run_id=run_id) if run_id or not mlflow.active_run() else contextlib.nullcontext()
+    with context:
+        info = mlflow.pyfunc.log_model(name="model", python_model=DFNetPyfunc(), artifacts={ARTIFACT_KEY: str(model_dir)})
+        mlflow.log_metric(f"registered_{metric}", value)
+    version = mlflow.register_model(info.model_uri, name).version
+    client.set_model_version_tag(name, version, METRIC_TAG_PREFIX + metric, str(value))
+
+    previous = champion_metric(name, alias, metric)
+    better = previous is None or (value < previous if lower_is_better else value > previous)
+    if better:
+        client.set_registered_model_alias(name, alias, version)
+    log.info(
+        "registered %s version %s (%s=%.4f); %s %s",
+        name,
+        version,
+        metric,
+        value,
+        "now" if better else "not",
+        f"@{alias} (previous {previous})",
+    )
+    return Registration(name, str(version), better, metric, value, previous)
+
+
+def champion_metric(name: str, alias: str, metric: str) -> float | None:
+    """The metric tag of the version that holds `alias`, or None if there is none."""
+    try:
+        version = MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+    value = version.tags.get(METRIC_TAG_PREFIX + metric)
+    return float(value) if value is not None and not math.isnan(float(value)) else None
+
+
+def download_registered_model(uri: str, tracking_uri: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """A local model directory for `models:/name@alias` or `models:/name/version`, and what it is."""
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient()
+    name, _, ref = uri.removeprefix("models:/").partition("@")
+    if ref:
+        version = client.get_model_version_by_alias(name, ref)
+        info = {"name": name, "alias": ref}
+    else:
+        name, _, number = uri.removeprefix("models:/").partition("/")
+        version = client.get_model_version(name, number)
+        info = {"name": name}
+    info.update({"version": version.version, "run_id": version.run_id, "tags": dict(version.tags)})
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}"))
+    model_dir = local / "artifacts" / ARTIFACT_KEY
+    if not (model_dir / "config.json").is_file():
+        # pyfunc keeps an artifact under its own basename; find it rather than guess.
+        candidates = [p.parent for p in local.rglob("config.json") if (p.parent / "model.safetensors").is_file()]
+        if not candidates:
+            raise FileNotFoundError(f"{uri} holds no DFNet model directory (looked in {local})")
+        model_dir = candidates[0]
+    return model_dir, info

@@ -1,0 +1,102 @@
+"""Shared pytest fixtures: one local Ray for the session and a real S3 server on loopback.
+
+The S3 server is moto in server mode (a real HTTP S3 endpoint), so code under test uses its
+ordinary clients (pyarrow, boto3, s3fs) instead of patched ones.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+# Telemetry off for everything the tests start (Ray, DVC, MLflow), before any of them import.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+S3_ACCESS_KEY = "testing"
+S3_SECRET_KEY = "testing"
+S3_REGION = "us-east-1"
+
+
+def _s3_env(endpoint_url: str) -> dict[str, str]:
+    return {
+        "AWS_ENDPOINT_URL": endpoint_url,
+        "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+        "AWS_DEFAULT_REGION": S3_REGION,
+    }
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """Start moto's S3 server on a free loopback port for the whole session; yields its URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local(moto_endpoint: str) -> Iterator[Any]:
+    """A local 2-CPU Ray for the session.
+
+    Workers get the S3 test endpoint and credentials through the job's runtime_env: a worker's
+    environment is fixed when Ray starts, so a test that sets them later in the driver alone
+    would leave the workers pointing at real AWS.
+    """
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": _s3_env(moto_endpoint) | {"RAY_USAGE_STATS_ENABLED": "0"}},
+    )
+    yield ray
+    ray.shutdown()
+
+
+@dataclass
+class S3Server:
+    """What a test needs to talk to the loopback S3 server."""
+
+    endpoint_url: str
+    bucket: str  # a fresh, empty bucket for this test
+    client: Any  # a boto3 S3 client
+
+    def uri(self, key: str = "") -> str:
+        """``s3://{bucket}/{key}``."""
+        return f"s3://{self.bucket}/{key.lstrip('/')}"
+
+
+@pytest.fixture
+def s3_server(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """The session's S3 server, the AWS_* variables pointing at it for this test, and a new bucket."""
+    import boto3
+
+    for name, value in _s3_env(moto_endpoint).items():
+        monkeypatch.setenv(name, value)
+    # Keep a developer's real AWS profile or session out of the tests.
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    client = boto3.client(
+        "s3",
+        endpoint_url=moto_endpoint,
+        aws_access_key_id=S3_ACCESS_KEY,
+        aws_secret_access_key=S3_SECRET_KEY,
+        region_name=S3_REGION,
+    )
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=bucket)
+    return S3Server(endpoint_url=moto_endpoint, bucket=bucket, client=client)
