@@ -136,7 +136,6 @@ class InferenceRunner:
         self.dtype = dtype
         self.compiled = compile
         self.folded_batchnorms = folded_batchnorms
-        self._compiled_ok = False  # set once a compiled call has succeeded
         self._compiled_fn: Callable[[Tensor, Tensor], Tensor] | None = None
         if compile:
             # dynamic=False: one specialised graph per input shape (a server sees few shapes).
@@ -167,12 +166,10 @@ class InferenceRunner:
             try:
                 with _freezing():
                     out = self._compiled_fn(image, mask)
-                self._compiled_ok = True
-            except Exception as error:  # noqa: BLE001 - any compiler failure must not crash inference
-                if self._compiled_ok:
-                    raise  # compilation worked before: this is a real error, not a missing compiler
-                # An eager run tells a bad input (it fails again, and that error is raised)
+            except Exception as error:  # a failing compiler must not take inference down
+                # An eager run tells a bad input (it fails again, and that error propagates)
                 # from a compile problem (eager works: warn once and stay eager from now on).
+                # Every new input shape compiles afresh, so this can happen on any call.
                 out = self._eager(image, mask)
                 logger.warning(
                     "torch.compile failed (%s: %s); falling back to eager mode",
@@ -229,7 +226,7 @@ def _freezing() -> contextlib.AbstractContextManager[object]:
     """
     try:
         import torch._inductor.config as inductor_config
-    except Exception:  # noqa: BLE001 - an unusual build without inductor: compile as is
+    except Exception:  # an unusual build without inductor: compile as is
         return contextlib.nullcontext()
     if not hasattr(inductor_config, "freezing"):
         return contextlib.nullcontext()

@@ -87,8 +87,13 @@ class MlflowParams:
     experiment: str = "dfnet"
 
     def resolved_tracking_uri(self) -> str:
-        """MLFLOW_TRACKING_URI wins, so a job and the user's shell see the same store."""
-        return os.environ.get("MLFLOW_TRACKING_URI", self.tracking_uri)
+        """MLFLOW_TRACKING_URI wins, so a job and the user's shell see the same store. A relative
+        SQLite path is pinned to the current directory: Ray workers run elsewhere."""
+        uri = os.environ.get("MLFLOW_TRACKING_URI", self.tracking_uri)
+        prefix = "sqlite:///"
+        if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+            return prefix + str(Path(uri[len(prefix) :]).resolve())
+        return uri
 
 
 @dataclass

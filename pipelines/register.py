@@ -19,7 +19,6 @@ import mlflow
 from dfnet.model import read_model_config
 from dfnet.params import load_params
 from pipelines.registry import register_model
-from pipelines.train import _absolute_tracking_uri
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     evaluation = json.loads((Path(params.evaluate.out_dir) / "eval.json").read_text())
     value = evaluation["dfnet"]["mean"][params.register.metric]
 
-    mlflow.set_tracking_uri(_absolute_tracking_uri(params.mlflow.resolved_tracking_uri()))
+    mlflow.set_tracking_uri(params.mlflow.resolved_tracking_uri())
     mlflow.set_experiment(params.mlflow.experiment)
     training_run = read_model_config(params.train.out_dir)["provenance"].get("mlflow_run_id") or None
     registration = register_model(

@@ -240,7 +240,7 @@ def build_trainer(
         "mask_pool": masks["pool"],
         "eval_masks": eval_masks,
         "name": run_name(params),
-        "tracking_uri": _absolute_tracking_uri(params.mlflow.resolved_tracking_uri()),
+        "tracking_uri": params.mlflow.resolved_tracking_uri(),
         # Each worker reserves one logical CPU (the rest stay free for Ray Data's read tasks)
         # but computes with its share of the machine's cores.
         "threads_per_worker": max(1, cpus // train.num_workers),
@@ -263,14 +263,6 @@ def build_trainer(
 
 def _absolute_storage(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
-
-
-def _absolute_tracking_uri(uri: str) -> str:
-    """Workers run in other directories: pin a relative sqlite path to this directory."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix) :]).resolve())
-    return uri
 
 
 def load_checkpoint_state(

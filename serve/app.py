@@ -7,9 +7,10 @@ overrides ``source``.
 
 Endpoints: ``POST /inpaint`` (multipart or JSON/base64), ``GET /healthz``, ``GET /model``,
 ``GET /stats`` (observed batch sizes), ``GET /`` (the web page), ``/docs`` (OpenAPI).
-"""
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: FastAPI must see real annotation objects on the
+methods that ``@serve.ingress`` wraps, or it takes ``request: Request`` for a query parameter.
+"""
 
 import asyncio
 import base64
@@ -85,7 +86,7 @@ class ServeSettings:
     autoscaling_config: dict[str, Any] | None = None
 
     @classmethod
-    def from_args(cls, args: dict[str, Any] | None) -> ServeSettings:
+    def from_args(cls, args: dict[str, Any] | None) -> "ServeSettings":
         """Validate the YAML args: unknown keys and out-of-range values are errors."""
         args = dict(args or {})
         fields = {f.name: f for f in dataclasses.fields(cls)}

@@ -80,7 +80,7 @@ class S3Server:
 
 @pytest.fixture
 def s3_server(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> S3Server:
-    """The session's S3 server, the AWS_* variables pointing at it for this test, and a new bucket."""
+    """The session's S3 server, AWS_* variables pointing at it for this test, a new bucket."""
     import boto3
 
     for name, value in _s3_env(moto_endpoint).items():

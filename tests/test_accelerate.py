@@ -173,11 +173,15 @@ def test_cuda_paths(model, inputs, reference, dtype):
 
 @pytest.mark.slow
 def test_compiled_runner_matches_eager(model, inputs, reference):
+    import torch._inductor.config as inductor_config
+
+    freezing_before = inductor_config.freezing
     torch._dynamo.reset()
     runner = optimize_for_inference(model, compile=True)
     runner.warmup(inputs[0].shape)
     out = runner(*inputs)
     assert runner.compiled, "compilation fell back to eager on a machine with a C++ compiler"
+    assert inductor_config.freezing == freezing_before  # freezing is switched on only per call
     assert (out - reference).abs().max().item() < 1e-4
 
 

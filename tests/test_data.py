@@ -1,0 +1,302 @@
+"""dfnet.data: decoding, crops, splits, Parquet shards and training-time mask sampling."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from dfnet import data
+from dfnet.masks import mask_pool
+
+
+def _encode(array: np.ndarray, fmt: str = "PNG", mode: str | None = None, **kwargs) -> bytes:
+    image = Image.fromarray(array) if mode is None else Image.fromarray(array).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _noise(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+# --- decoding -------------------------------------------------------------------------------
+
+
+def test_decode_png_is_exact():
+    image = _noise(23, 37)
+    decoded = data.decode_image(_encode(image))
+    assert decoded is not None
+    assert decoded.dtype == np.uint8 and decoded.shape == (23, 37, 3)
+    np.testing.assert_array_equal(decoded, image)
+
+
+def test_decode_rgba_composites_transparency_over_white():
+    rgba = np.zeros((8, 10, 4), dtype=np.uint8)
+    rgba[:, :5] = (10, 20, 30, 255)  # opaque left half keeps its colour
+    rgba[:, 5:] = (200, 0, 0, 0)  # transparent right half: the hidden red must not show
+    decoded = data.decode_image(_encode(rgba))
+    assert decoded is not None and decoded.shape == (8, 10, 3)
+    assert np.all(decoded[:, :5] == (10, 20, 30))
+    assert np.all(decoded[:, 5:] == 255)
+
+
+def test_decode_grey_becomes_rgb():
+    grey = np.arange(60, dtype=np.uint8).reshape(6, 10) * 4
+    decoded = data.decode_image(_encode(grey))
+    assert decoded is not None and decoded.shape == (6, 10, 3)
+    for channel in range(3):
+        np.testing.assert_array_equal(decoded[..., channel], grey)
+
+
+def test_decode_16_bit_grey_is_rescaled_not_clipped():
+    values = np.array([[0, 32896, 65535]], dtype=np.uint16)
+    decoded = data.decode_image(_encode(values))
+    assert decoded is not None
+    np.testing.assert_array_equal(decoded[0, :, 0], [0, 128, 255])
+
+
+def test_decode_palette_and_cmyk():
+    image = np.zeros((4, 6, 3), dtype=np.uint8)
+    image[:, 3:] = (0, 255, 255)
+    palette = data.decode_image(_encode(image, mode="P"))
+    assert palette is not None
+    np.testing.assert_array_equal(palette, image)
+    cmyk = data.decode_image(_encode(image, fmt="JPEG", mode="CMYK", quality=95))
+    assert cmyk is not None and cmyk.shape == (4, 6, 3)
+    assert np.abs(cmyk[:, 4:].astype(int) - (0, 255, 255)).max() < 40
+
+
+def test_decode_applies_exif_orientation():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    blob = _encode(_noise(20, 40), fmt="JPEG", exif=exif.tobytes())
+    decoded = data.decode_image(blob)
+    assert decoded is not None and decoded.shape == (40, 20, 3)
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        b"",
+        b"hello, I am a text file pretending to be a PNG\n",
+        np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+        _encode(_noise(64, 64))[:400],  # truncated PNG
+        _encode(_noise(64, 64), fmt="JPEG")[:600],  # truncated JPEG
+    ],
+    ids=["empty", "text", "random", "truncated-png", "truncated-jpeg"],
+)
+def test_decode_unreadable_gives_none_with_reason(blob):
+    assert data.decode_image(blob) is None
+    array, reason = data.try_decode_image(blob)
+    assert array is None and reason
+
+
+def test_decode_keeps_pillow_decompression_bomb_guard(monkeypatch):
+    blob = _encode(_noise(40, 40))
+    assert data.decode_image(blob) is not None
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 40 // 2 - 1)  # > 2x limit: an error
+    array, reason = data.try_decode_image(blob)
+    assert array is None and "too large" in reason
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 40 - 1)  # just over: only a warning
+    assert data.decode_image(blob) is None
+
+
+def test_png_batch_round_trip():
+    images = [_noise(9, 11, seed) for seed in range(3)]
+    batch = data.decode_png_batch([data.encode_png(i) for i in images])
+    assert batch.shape == (3, 9, 11, 3) and batch.dtype == np.uint8
+    np.testing.assert_array_equal(batch, np.stack(images))
+    with pytest.raises(ValueError):
+        data.decode_png_batch([data.encode_png(images[0]), data.encode_png(_noise(5, 5))])
+    with pytest.raises(ValueError):
+        data.decode_png_batch([b"not an image"])
+
+
+# --- sample photos ----------------------------------------------------------------------------
+
+
+def test_sample_photos_are_decodable_photographs():
+    photos = data.sample_photos()
+    assert len(photos) >= 10
+    assert list(data.sample_photo_paths()) == list(photos.values())
+    for key, path in photos.items():
+        assert key.startswith(("skimage/", "sklearn/")) and path.is_file()
+        image = data.decode_image(path.read_bytes())
+        assert image is not None, key
+        assert image.ndim == 3 and image.shape[2] == 3
+        assert min(image.shape[:2]) >= 256, key  # big enough for many distinct crops
+        assert image.std() > 10, key  # not a flat synthetic image
+
+
+# --- crops --------------------------------------------------------------------------------
+
+
+def test_random_crops_size_and_determinism():
+    image = _noise(120, 200)
+    crops = data.random_crops(image, 32, 5, np.random.default_rng(7))
+    assert len(crops) == 5
+    assert all(c.shape == (32, 32, 3) and c.dtype == np.uint8 for c in crops)
+    again = data.random_crops(image, 32, 5, np.random.default_rng(7))
+    assert all(np.array_equal(a, b) for a, b in zip(crops, again, strict=True))
+    other = data.random_crops(image, 32, 5, np.random.default_rng(8))
+    assert not all(np.array_equal(a, b) for a, b in zip(crops, other, strict=True))
+    # Different crops of one photo differ from each other.
+    assert len({c.tobytes() for c in crops}) == 5
+
+
+def test_random_crops_see_between_half_and_all_of_the_short_side():
+    # Pixel value = x coordinate, so a crop's left-to-right value span measures its window:
+    # column centres of a 16-px crop of a window of side s lie 15/16 * s apart.
+    ramp = np.broadcast_to(np.arange(200, dtype=np.uint8)[None, :, None], (300, 200, 3))
+    spans = [
+        float(c[8, -1, 0]) - float(c[8, 0, 0])
+        for c in data.random_crops(ramp.copy(), 16, 40, np.random.default_rng(0))
+    ]
+    assert min(spans) >= 100 * 15 / 16 - 2 and max(spans) <= 200 * 15 / 16 + 2
+    assert max(spans) - min(spans) > 40  # the field of view varies from crop to crop
+    full = data.random_crops(ramp.copy(), 16, 3, np.random.default_rng(0), min_fraction=1.0)
+    assert all(abs(float(c[8, -1, 0]) - float(c[8, 0, 0]) - 200 * 15 / 16) <= 2 for c in full)
+
+
+def test_crops_upscale_small_images():
+    crops = data.random_crops(_noise(10, 14), 48, 2, np.random.default_rng(0))
+    assert all(c.shape == (48, 48, 3) for c in crops)
+    assert data.center_crop_resize(_noise(10, 14), 48).shape == (48, 48, 3)
+
+
+@pytest.mark.parametrize("shape", [(100, 300), (300, 100)])
+def test_center_crop_takes_the_middle(shape):
+    image = np.zeros((*shape, 3), dtype=np.uint8)
+    if shape[0] < shape[1]:
+        image[:, 100:200] = 255
+    else:
+        image[100:200, :] = 255
+    crop = data.center_crop_resize(image, 32)
+    assert crop.shape == (32, 32, 3)
+    assert crop[2:-2, 2:-2].min() >= 250  # interior purely from the white middle square
+
+
+def test_crop_rng_depends_on_seed_and_key():
+    draw = lambda seed, key: data.crop_rng(seed, key).integers(0, 2**31, 4).tolist()  # noqa: E731
+    assert draw(0, "a.png") == draw(0, "a.png")
+    assert draw(0, "a.png") != draw(1, "a.png")
+    assert draw(0, "a.png") != draw(0, "b.png")
+
+
+# --- splits -------------------------------------------------------------------------------
+
+
+def test_split_of_is_deterministic_across_processes():
+    keys = [f"photos/{i:04d}.jpg" for i in range(50)]
+    here = [data.split_of(k, 0.2, 0.2) for k in keys]
+    assert here == [data.split_of(k, 0.2, 0.2) for k in keys]
+    code = (
+        f"from dfnet.data import split_of\nprint(','.join(split_of(k, 0.2, 0.2) for k in {keys!r}))"
+    )
+    env = dict(os.environ, PYTHONHASHSEED="12345")  # Python's own hash() would change
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip().split(",") == here
+
+
+def test_split_of_matches_fractions():
+    keys = [f"dir/img_{i}.png" for i in range(1000)]
+    counts = {s: 0 for s in data.SPLITS}
+    for key in keys:
+        counts[data.split_of(key, 0.15, 0.25)] += 1
+    assert abs(counts["val"] - 150) < 40
+    assert abs(counts["test"] - 250) < 45
+    assert counts["train"] == 1000 - counts["val"] - counts["test"]
+    assert {data.split_of(k, 0.0, 0.0) for k in keys} == {"train"}
+    with pytest.raises(ValueError):
+        data.split_of("x", 0.7, 0.5)
+
+
+def test_sample_quotas_fill_every_split_once():
+    keys = list(data.sample_photos())
+    splits = data.quota_splits(keys, 0.15, 0.15)
+    assert set(splits) == set(keys)  # every photo gets exactly one split
+    by_split = {s: [k for k, v in splits.items() if v == s] for s in data.SPLITS}
+    assert all(len(v) >= 1 for v in by_split.values())
+    n = len(keys)
+    assert len(by_split["test"]) == max(1, round(n * 0.15))
+    assert len(by_split["val"]) == max(1, round(n * 0.15))
+    assert splits == data.quota_splits(reversed(keys), 0.15, 0.15)  # order does not matter
+
+
+def test_quotas_on_tiny_sets_keep_a_training_photo():
+    assert sorted(data.quota_splits(["a", "b", "c"], 0.1, 0.1).values()) == ["test", "train", "val"]
+    two = data.quota_splits(["a", "b"], 0.1, 0.1)
+    assert "train" in two.values() and len(two) == 2
+    assert set(data.quota_splits(["a", "b", "c"], 0.0, 0.1).values()) == {"train", "test"}
+
+
+# --- Parquet ------------------------------------------------------------------------------
+
+
+def _rows(prefix: str, count: int) -> pa.Table:
+    images = [_noise(16, 16, seed) for seed in range(count)]
+    return pa.table(
+        {
+            "key": [f"{prefix}#{i:05d}" for i in range(count)],
+            "source": [prefix] * count,
+            "split": ["val"] * count,
+            "image": [data.encode_png(i) for i in images],
+            "height": [16] * count,
+            "width": [16] * count,
+        },
+        schema=data.PARQUET_SCHEMA,
+    )
+
+
+def test_parquet_round_trip(tmp_path):
+    (tmp_path / "val").mkdir()
+    first, second = _rows("a.png", 3), _rows("b.png", 2)
+    pq.write_table(first, tmp_path / "val" / "part-00000.parquet")
+    pq.write_table(second, tmp_path / "val" / "part-00001.parquet")
+    table = data.read_split(str(tmp_path), "val")
+    assert table.schema.equals(data.PARQUET_SCHEMA)
+    assert table.equals(pa.concat_tables([first, second]))
+    images = data.decode_png_batch(table.column("image").to_pylist())
+    assert images.shape == (5, 16, 16, 3)
+    np.testing.assert_array_equal(images[3], _noise(16, 16, 0))
+    with pytest.raises(FileNotFoundError):
+        data.read_split(str(tmp_path), "test")
+
+
+def test_filesystem_for(monkeypatch, tmp_path):
+    fs, path = data.filesystem_for(str(tmp_path / "x" / ".." / "y"))
+    assert fs.type_name == "local" and path == str(tmp_path / "y")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-3")
+    fs, path = data.filesystem_for("s3://bucket/some/prefix/")
+    assert fs.type_name == "s3" and path == "bucket/some/prefix"
+    assert fs.region == "eu-west-3"
+
+
+# --- masks at training time ---------------------------------------------------------------
+
+
+def test_mask_sampler_shapes_and_augmentation():
+    pool = mask_pool(12, 32, 32, seed=3)
+    sampler = data.MaskSampler(pool, seed=5)
+    masks = sampler.sample(20)
+    assert masks.shape == (20, 1, 32, 32) and masks.dtype == np.float32
+    assert set(np.unique(masks)) <= {0.0, 1.0}
+    assert all((m < 0.5).any() for m in masks)  # every training mask has a hole
+    # The random affine warp is applied: most samples match no pool mask exactly.
+    pool_set = {m.astype(np.float32).tobytes() for m in pool}
+    assert sum(m[0].tobytes() not in pool_set for m in masks) >= 15
+    again = data.MaskSampler(pool, seed=5).sample(20)
+    np.testing.assert_array_equal(masks, again)
+    assert not np.array_equal(masks, data.MaskSampler(pool, seed=6).sample(20))

@@ -1,0 +1,208 @@
+"""The prepare and masks stages: Ray Data over a folder, the bundled sample photos and S3."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from dfnet import data
+from dfnet.masks import HOLE_BINS, hole_ratio, load_masks
+from dfnet.params import DataParams, MaskParams
+from pipelines.make_masks import make_masks
+from pipelines.prepare import prepare
+
+SIZE = 32
+
+
+def _photo(height: int, width: int, seed: int) -> np.ndarray:
+    """A gradient plus noise: smooth structure and texture, different for every seed."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx * 255 / width, yy * 255 / height, (xx + yy) * 127 / (height + width)], -1)
+    noisy = base + rng.normal(0, 25, (height, width, 3)) + rng.uniform(-60, 60, 3)
+    return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+def _encoded(array: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+# key (path relative to the source root) -> file bytes
+GOOD = {
+    "a.png": _encoded(_photo(60, 90, 1), "PNG"),
+    "b.PNG": _encoded(_photo(100, 70, 2), "PNG"),
+    "c.jpg": _encoded(_photo(80, 80, 3), "JPEG"),
+    "sub/d.jpeg": _encoded(_photo(50, 120, 4), "JPEG"),
+    "sub/deeper/e.png": _encoded(_photo(20, 24, 5), "PNG"),  # smaller than SIZE: upscaled
+}
+BAD = {
+    "broken.png": np.random.default_rng(9).integers(0, 256, 3000, dtype=np.uint8).tobytes(),
+    "sub/truncated.jpg": _encoded(_photo(90, 90, 6), "JPEG")[:700],
+    "notes.png": b"these are my notes, not an image\n",
+}
+IGNORED = {"README.txt": b"not read at all: no image extension\n"}
+
+
+def _write_folder(root: Path) -> Path:
+    for name, blob in (GOOD | BAD | IGNORED).items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(blob)
+    return root
+
+
+def _read_all(out_dir: str) -> dict[str, pa.Table]:
+    return {split: data.read_split(out_dir, split) for split in data.SPLITS}
+
+
+def _check_tables(tables: dict[str, pa.Table], expected_split: dict[str, str]) -> None:
+    """Rows are well formed, each source sits in its expected split and nowhere else."""
+    seen_keys: set[str] = set()
+    sources_by_split = {}
+    for split, table in tables.items():
+        assert table.schema.equals(data.PARQUET_SCHEMA)
+        rows = table.to_pylist()
+        sources_by_split[split] = {r["source"] for r in rows}
+        for row in rows:
+            assert row["split"] == split == expected_split[row["source"]]
+            assert row["key"].startswith(row["source"] + "#")
+            assert (row["height"], row["width"]) == (SIZE, SIZE)
+            image = data.decode_image(row["image"])
+            assert image is not None and image.shape == (SIZE, SIZE, 3)
+        seen_keys.update(table.column("key").to_pylist())
+        assert table.column("key").to_pylist() == sorted(table.column("key").to_pylist())
+    assert len(seen_keys) == sum(t.num_rows for t in tables.values())  # keys are unique
+    for a in data.SPLITS:
+        for b in data.SPLITS:
+            if a < b:
+                assert not sources_by_split[a] & sources_by_split[b]
+
+
+def test_prepare_folder_skips_bad_files_and_is_deterministic(ray_local, tmp_path):
+    raw = _write_folder(tmp_path / "raw")
+    params = DataParams(
+        source=str(raw),
+        image_size=SIZE,
+        val_fraction=0.3,
+        test_fraction=0.3,
+        shard_rows=2,
+        out_dir=str(tmp_path / "out1"),
+    )
+    report = prepare(params)
+
+    assert report["num_skipped"] == 3
+    assert {s["file"] for s in report["skipped"]} == set(BAD)
+    assert all(s["reason"] for s in report["skipped"])
+    assert report["files_read"] == len(GOOD) + len(BAD)
+    assert sum(s["images"] for s in report["splits"].values()) == len(GOOD)
+    assert sum(s["crops"] for s in report["splits"].values()) == len(GOOD)  # one centre crop
+    on_disk = json.loads((tmp_path / "out1" / "report.json").read_text())
+    assert on_disk["skipped"] == report["skipped"] and on_disk["splits"] == report["splits"]
+
+    tables = _read_all(params.out_dir)
+    expected = {key: data.split_of(key, 0.3, 0.3) for key in GOOD}
+    _check_tables(tables, expected)
+    rows = {r["source"]: r for t in tables.values() for r in t.to_pylist()}
+    assert set(rows) == set(GOOD)
+    for key, blob in GOOD.items():  # the stored pixels are the centre crop of that very file
+        original = data.decode_image(blob)
+        expected_crop = data.center_crop_resize(original, SIZE)
+        np.testing.assert_array_equal(data.decode_image(rows[key]["image"]), expected_crop)
+    for split, info in report["splits"].items():  # shards hold at most shard_rows rows
+        parts = sorted((tmp_path / "out1" / split).glob("*.parquet"))
+        assert len(parts) == info["shards"] == max(1, -(-info["crops"] // 2))
+
+    # A second run (into a folder holding stale shards of another run) writes the same tables.
+    second = DataParams(**{**params.__dict__, "out_dir": str(tmp_path / "out2")})
+    stale = tmp_path / "out2" / "train"
+    stale.mkdir(parents=True)
+    (stale / "part-00099.parquet").write_bytes(b"stale")
+    assert prepare(second)["splits"] == report["splits"]
+    again = _read_all(second.out_dir)
+    assert all(again[s].equals(tables[s]) for s in data.SPLITS)
+
+
+def test_prepare_sample_source(ray_local, tmp_path):
+    params = DataParams(
+        source="sample", image_size=SIZE, crops_per_image=2, shard_rows=64, out_dir=str(tmp_path)
+    )
+    report = prepare(params)
+    photos = data.sample_photos()
+    assert report["num_skipped"] == 0 and report["files_read"] == len(photos)
+    quotas = data.quota_splits(photos, params.val_fraction, params.test_fraction)
+    for split, info in report["splits"].items():
+        assert info["images"] == sum(v == split for v in quotas.values()) >= 1
+        assert info["crops"] == 2 * info["images"]
+    tables = _read_all(str(tmp_path))
+    _check_tables(tables, quotas)
+    # The two crops of a photo are different random windows, not copies.
+    train = tables["train"].to_pylist()
+    assert train[0]["source"] == train[1]["source"] and train[0]["image"] != train[1]["image"]
+
+
+def test_prepare_s3_to_s3(ray_local, s3_server):
+    uploads = {
+        "raw/x.png": GOOD["a.png"],
+        "raw/y/z.jpg": GOOD["c.jpg"],
+        "raw/bad.png": BAD["notes.png"],
+    }
+    uploads |= {"elsewhere/not-read.png": GOOD["b.PNG"]}  # outside the source prefix
+    for key, blob in uploads.items():
+        s3_server.client.put_object(Bucket=s3_server.bucket, Key=key, Body=blob)
+    params = DataParams(
+        source=s3_server.uri("raw"),
+        image_size=SIZE,
+        val_fraction=0.0,
+        test_fraction=0.0,
+        out_dir=s3_server.uri("prepared"),
+    )
+    report = prepare(params)
+    assert [s["file"] for s in report["skipped"]] == ["bad.png"]
+    assert report["splits"]["train"]["images"] == 2
+    tables = _read_all(params.out_dir)
+    _check_tables(tables, {"x.png": "train", "y/z.jpg": "train"})
+    assert tables["val"].num_rows == tables["test"].num_rows == 0
+    stored = s3_server.client.get_object(Bucket=s3_server.bucket, Key="prepared/report.json")
+    assert json.loads(stored["Body"].read())["splits"] == report["splits"]
+    row = tables["train"].to_pylist()[0]
+    assert row["source"] == "x.png"
+    expected = data.center_crop_resize(data.decode_image(GOOD["a.png"]), SIZE)
+    np.testing.assert_array_equal(data.decode_image(row["image"]), expected)
+
+
+def test_make_masks(tmp_path):
+    params = MaskParams(pool_size=6, eval_per_bin=2, seed=4, out=str(tmp_path / "m" / "masks.npz"))
+    summary = make_masks(params, 48)
+    stored = load_masks(params.out)
+    assert set(stored) == {"pool"} | {f"eval_bin{i}" for i in range(len(HOLE_BINS))}
+    assert stored["pool"].shape == (6, 48, 48)
+    assert all(hole_ratio(m) > 0 for m in stored["pool"])
+    for i, (lo, hi) in enumerate(HOLE_BINS):
+        masks = stored[f"eval_bin{i}"]
+        assert masks.shape == (2, 48, 48) and masks.dtype == np.uint8
+        assert all(lo <= hole_ratio(m) < hi for m in masks)
+        assert lo <= summary["eval_bins"][i]["hole_ratio_mean"] < hi
+    assert json.loads((tmp_path / "m" / "masks_summary.json").read_text()) == summary
+    preview = Image.open(tmp_path / "m" / "masks_preview.png")
+    assert preview.width > 48 * 6 and preview.height > 48 * 6  # pool row + five bin rows
+
+    # Seeded: the same seed repeats exactly, another seed does not.
+    make_masks(MaskParams(**{**params.__dict__, "out": str(tmp_path / "again.npz")}), 48)
+    again = load_masks(tmp_path / "again.npz")
+    assert all(np.array_equal(stored[k], again[k]) for k in stored)
+    make_masks(MaskParams(**{**params.__dict__, "seed": 5, "out": str(tmp_path / "o.npz")}), 48)
+    assert not np.array_equal(load_masks(tmp_path / "o.npz")["pool"], stored["pool"])
+
+
+@pytest.mark.parametrize("bad", [{"image_size": 0}, {"shard_rows": 0}, {"crops_per_image": 0}])
+def test_prepare_rejects_bad_params(bad, tmp_path):
+    with pytest.raises(ValueError):
+        prepare(DataParams(**({"out_dir": str(tmp_path)} | bad)))
