@@ -62,7 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="timed calls per path (default: as many as fit in --budget-s, between 3 and 15)",
     )
-    parser.add_argument("--budget-s", type=float, default=4.0, help="timing budget per path/shape")
+    parser.add_argument(
+        "--budget-s", type=float, default=4.0, help="rough timing budget per path and shape"
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=None)
     parser.add_argument("--preset", default="official")
@@ -117,33 +119,79 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_runner(
-    runner: InferenceRunner,
-    image: torch.Tensor,
-    mask: torch.Tensor,
-    repeats: int | None,
-    budget_s: float,
-) -> dict[str, Any]:
-    """First-call time, then warm-up, then `repeats` timed calls; returns times and the output."""
-    device = runner.device
-    image, mask = image.to(device), mask.to(device)  # keep host→device copies out of the timing
+def timed_call(runner: InferenceRunner, image: torch.Tensor, mask: torch.Tensor) -> float:
     start = time.perf_counter()
-    output = runner(image, mask)
-    synchronize(device)
-    first_s = time.perf_counter() - start
-    start = time.perf_counter()
-    runner(image, mask)  # warm-up: allocator, oneDNN primitive caches, cuDNN autotuning
-    synchronize(device)
-    warm_s = time.perf_counter() - start
-    if repeats is None:
-        repeats = max(3, min(15, int(budget_s / max(warm_s, 1e-4))))
-    times = []
-    for _ in range(repeats):
+    runner(image, mask)
+    synchronize(runner.device)
+    return time.perf_counter() - start
+
+
+def bench_shape(
+    model: DFNet, paths: list[str], size: int, batch: int, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Time every path at one (size, batch).
+
+    All runners are built and warmed up first, then timed round-robin (the order rotating every
+    round), so that load from other processes on a shared machine falls on all paths alike
+    instead of on whichever happened to run during a busy spell.
+    """
+    device = torch.device(args.device)
+    image, mask = make_inputs(batch, size, args.seed + 1)
+    image, mask = image.to(device), mask.to(device)  # host→device copies stay out of the timing
+    # Compiled runners share one traced function and so one dynamo cache, whose recompile limit
+    # (8 entries) would be reached over many shapes × paths: start each shape with it empty.
+    torch._dynamo.reset()
+    runners: dict[str, InferenceRunner] = {}
+    first_s: dict[str, float] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    warm_s = 0.0
+    for name in paths:
+        label, options = PATHS[name]
+        progress(f"[{size}² batch {batch}] preparing {label} ...")
+        runner = optimize_for_inference(model, device=device, **options)
         start = time.perf_counter()
-        runner(image, mask)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return {"first_call_s": first_s, "times_s": times, "output": output.float().cpu()}
+        outputs[name] = runner(image, mask).float().cpu()
+        first_s[name] = time.perf_counter() - start  # includes compilation
+        warm_s += timed_call(runner, image, mask)  # warm-up: allocator, primitive caches
+        runners[name] = runner
+    repeats = args.repeats
+    if repeats is None:
+        repeats = max(3, min(15, int(args.budget_s * len(paths) / max(warm_s, 1e-4))))
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    progress(f"[{size}² batch {batch}] timing {len(paths)} paths × {repeats} rounds ...")
+    for round_index in range(repeats):
+        shift = round_index % len(paths)
+        for name in paths[shift:] + paths[:shift]:
+            times[name].append(timed_call(runners[name], image, mask))
+    baseline_ms = statistics.median(times["fp32"]) * 1000.0 / batch
+    records = []
+    for name in paths:
+        label = PATHS[name][0]
+        ms = statistics.median(times[name]) * 1000.0 / batch
+        diff = (outputs[name] - outputs["fp32"]).abs().max().item() * 255.0
+        record = {
+            "size": size,
+            "batch": batch,
+            "path": name,
+            "label": label,
+            "ms_per_image": ms,
+            "min_ms_per_image": min(times[name]) * 1000.0 / batch,
+            "speedup": baseline_ms / ms,
+            "max_diff_255": diff,
+            "first_call_s": first_s[name],
+            "repeats": repeats,
+            "times_ms": [t * 1000.0 for t in times[name]],
+            "compiled": runners[name].compiled,
+            "folded_batchnorms": runners[name].folded_batchnorms,
+        }
+        records.append(record)
+        progress(
+            f"    {label:30s} {ms:8.1f} ms/image (min {record['min_ms_per_image']:.1f})  "
+            f"×{record['speedup']:.2f}  max diff {diff:.3f}/255  first call {first_s[name]:.1f} s"
+        )
+    del runners, outputs
+    gc.collect()
+    return records
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -151,64 +199,28 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
     paths = args.paths or DEFAULT_PATHS.get(device.type, DEFAULT_PATHS["cpu"])
-    paths = ["fp32"] + [p for p in paths if p != "fp32"]  # the baseline always runs, first
+    paths = ["fp32"] + [p for p in paths if p != "fp32"]  # the baseline always runs
     progress(f"calibrating the {args.preset} model's BatchNorm statistics ...")
     model = calibrated_model(args.preset, args.seed)
     records: list[dict[str, Any]] = []
     for size in args.sizes:
         for batch in args.batches:
-            image, mask = make_inputs(batch, size, args.seed + 1)
-            baseline: dict[str, Any] | None = None
-            for name in paths:
-                label, options = PATHS[name]
-                progress(f"[{size}² batch {batch}] {label} ...")
-                if options.get("compile"):
-                    # A fresh dynamo cache per compiled runner: runners share one traced function,
-                    # and its recompile limit would otherwise be reached over many shapes/paths.
-                    torch._dynamo.reset()
-                runner = optimize_for_inference(model, device=device, **options)
-                result = time_runner(runner, image, mask, args.repeats, args.budget_s)
-                ms = statistics.median(result["times_s"]) * 1000.0 / batch
-                if baseline is None:
-                    baseline = {"ms": ms, "output": result["output"]}
-                diff = (result["output"] - baseline["output"]).abs().max().item() * 255.0
-                record = {
-                    "size": size,
-                    "batch": batch,
-                    "path": name,
-                    "label": label,
-                    "ms_per_image": ms,
-                    "speedup": baseline["ms"] / ms,
-                    "max_diff_255": diff,
-                    "first_call_s": result["first_call_s"],
-                    "repeats": len(result["times_s"]),
-                    "times_ms": [t * 1000.0 for t in result["times_s"]],
-                    "compiled": runner.compiled,
-                    "folded_batchnorms": runner.folded_batchnorms,
-                }
-                records.append(record)
-                progress(
-                    f"    {ms:8.1f} ms/image  ×{record['speedup']:.2f}  "
-                    f"max diff {diff:.3f}/255  first call {result['first_call_s']:.1f} s  "
-                    f"({record['repeats']} repeats)"
-                )
-                del runner, result
-                gc.collect()
+            records += bench_shape(model, paths, size, batch, args)
     return records
 
 
 def markdown_table(records: list[dict[str, Any]]) -> str:
     lines = [
-        "| size | batch | path | ms/image | speed-up | max diff (/255) | first call (s) "
-        "| repeats |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| size | batch | path | ms/image (median) | min | speed-up | max diff (/255) "
+        "| first call (s) | repeats |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in records:
         note = "" if r["compiled"] or "compile" not in r["path"] else " (fell back to eager)"
         lines.append(
             f"| {r['size']}² | {r['batch']} | {r['label']}{note} | {r['ms_per_image']:.1f} | "
-            f"{r['speedup']:.2f}× | {r['max_diff_255']:.3f} | {r['first_call_s']:.1f} "
-            f"| {r['repeats']} |"
+            f"{r['min_ms_per_image']:.1f} | {r['speedup']:.2f}× | {r['max_diff_255']:.3f} | "
+            f"{r['first_call_s']:.1f} | {r['repeats']} |"
         )
     return "\n".join(lines)
 

@@ -138,8 +138,12 @@ class InferenceRunner:
         self.folded_batchnorms = folded_batchnorms
         self._compiled_fn: Callable[[Tensor, Tensor], Tensor] | None = None
         if compile:
-            # dynamic=False: one specialised graph per input shape (a server sees few shapes).
-            self._compiled_fn = torch.compile(self._eager, dynamic=False)
+            try:
+                # dynamic=False: one specialised graph per input shape (a server sees few).
+                self._compiled_fn = torch.compile(self._eager, dynamic=False)
+            except Exception as error:  # e.g. a Python version this torch cannot compile for
+                logger.warning("torch.compile unavailable (%s); running eagerly", error)
+                self.compiled = False
 
     def __repr__(self) -> str:
         return (

@@ -14,8 +14,8 @@ Ray Data reads the source named by ``data.source`` in params.yaml:
 
 Unreadable files are skipped and listed in the report; they never fail the stage. Output:
 ``{out_dir}/{train,val,test}/part-NNNNN.parquet`` (``shard_rows`` rows each, schema
-:data:`dfnet.data.PARQUET_SCHEMA`, rows sorted by key so reruns write identical tables) and
-``{out_dir}/report.json``. ``out_dir`` may be an ``s3://`` URI.
+:data:`dfnet.data.PARQUET_SCHEMA`, rows in (photo key, crop index) order so reruns write
+identical tables) and ``{out_dir}/report.json``. ``out_dir`` may be an ``s3://`` URI.
 
 On a multi-node cluster a local folder must be reachable from every node (shared filesystem);
 S3 or the sample source need nothing else.
@@ -170,8 +170,37 @@ def _make_dir(fs: pafs.FileSystem, path: str) -> None:
         fs.create_dir(path, recursive=True)
 
 
-def _source_plan(params: DataParams) -> tuple[Any, pafs.FileSystem, _CropSpec, list[str] | None]:
-    """What to read, with which filesystem, and how to turn files into rows."""
+def _is_hidden(relative: str) -> bool:
+    # Same rule as Ray's own listing: names starting with "." or "_" are metadata, not data.
+    return any(part.startswith((".", "_")) for part in relative.split("/"))
+
+
+def list_image_files(fs: pafs.FileSystem, root: str) -> list[str]:
+    """Image files under ``root`` (a file or a folder, searched recursively), sorted by key.
+
+    Only :data:`dfnet.data.IMAGE_EXTENSIONS` are listed, case-insensitively; hidden names are
+    left out. Listing on the driver gives a fixed file order, which keeps the output
+    deterministic without a distributed sort.
+    """
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"data.source {root!r} does not exist")
+    if info.type == pafs.FileType.File:
+        return [root]
+    suffixes = tuple("." + ext for ext in IMAGE_EXTENSIONS)
+    found = []
+    for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        relative = entry.path[len(root) :].lstrip("/")
+        is_file = entry.type == pafs.FileType.File
+        if is_file and not _is_hidden(relative) and relative.lower().endswith(suffixes):
+            found.append(entry.path)
+    if not found:
+        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}")
+    return sorted(found, key=lambda path: path[len(root) :])
+
+
+def _source_plan(params: DataParams) -> tuple[list[str], pafs.FileSystem, _CropSpec]:
+    """The files to read (in output order), their filesystem, and how to turn them into rows."""
     common = {
         "image_size": params.image_size,
         "seed": params.seed,
@@ -179,7 +208,7 @@ def _source_plan(params: DataParams) -> tuple[Any, pafs.FileSystem, _CropSpec, l
         "test_fraction": params.test_fraction,
     }
     if params.source == "sample":
-        photos = sample_photos()
+        photos = sample_photos()  # sorted by key
         paths = [os.path.abspath(p) for p in photos.values()]
         spec = _CropSpec(
             crops_per_image=params.crops_per_image,
@@ -188,16 +217,32 @@ def _source_plan(params: DataParams) -> tuple[Any, pafs.FileSystem, _CropSpec, l
             splits=quota_splits(photos, params.val_fraction, params.test_fraction),
             **common,
         )
-        return paths, pafs.LocalFileSystem(), spec, None
+        return paths, pafs.LocalFileSystem(), spec
     fs, root = filesystem_for(params.source)
     spec = _CropSpec(crops_per_image=0, root=root, keys=None, splits=None, **common)
-    return root, fs, spec, list(IMAGE_EXTENSIONS)
+    return list_image_files(fs, root), fs, spec
+
+
+def _build_dataset(paths: list[str], fs: pafs.FileSystem, spec: _CropSpec) -> Any:
+    """Ray Data: read the files, decode and crop them, keeping the input order of the files."""
+    import ray
+
+    # With preserve_order the blocks come out in the order of `paths` however the tasks are
+    # scheduled, so reruns and clusters of any size write identical shards. A dataset takes a
+    # copy of the current DataContext when it is created; the global one is restored after.
+    context = ray.data.DataContext.get_current()
+    saved = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True
+    try:
+        dataset = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs)
+        dataset = dataset.flat_map(functools.partial(_file_rows, spec))
+    finally:
+        context.execution_options.preserve_order = saved
+    return dataset
 
 
 def prepare(params: DataParams) -> dict[str, Any]:
     """Run the stage for ``params`` (the ``data`` section); returns the report it writes."""
-    import ray
-
     if params.image_size < 1 or params.shard_rows < 1:
         raise ValueError("data.image_size and data.shard_rows must be >= 1")
     if params.source == "sample" and params.crops_per_image < 1:
@@ -205,14 +250,11 @@ def prepare(params: DataParams) -> dict[str, Any]:
     started = time.perf_counter()
     ensure_ray()
 
-    paths, read_fs, spec, extensions = _source_plan(params)
-    log.info("reading %s (image size %d)", params.source, params.image_size)
-    dataset = ray.data.read_binary_files(
-        paths, include_paths=True, filesystem=read_fs, file_extensions=extensions
+    paths, read_fs, spec = _source_plan(params)
+    log.info(
+        "reading %d file(s) from %s (image size %d)", len(paths), params.source, params.image_size
     )
-    # Sorting by key makes the shard contents independent of task scheduling: reruns and
-    # different cluster sizes write the same tables.
-    dataset = dataset.flat_map(functools.partial(_file_rows, spec)).sort("key")
+    dataset = _build_dataset(paths, read_fs, spec)
 
     out_fs, out_root = filesystem_for(params.out_dir)
     writers = {}

@@ -228,6 +228,8 @@ def build_trainer(
     """The TorchTrainer for `params` (also used by tune/search.py, one trial per trainer)."""
     train = params.train
     data_root = params.data.out_dir
+    # Per-step progress lines come from the train loop; Ray Data's bars would bury them.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     train_ds = ray.data.read_parquet(f"{data_root}/train", columns=["image"]).randomize_block_order(
         seed=train.seed
     )

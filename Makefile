@@ -1,0 +1,43 @@
+# Two commands on a fresh machine:
+#   make repro   the main job: `dvc repro` on the embedded default (sample photos, small model, CPU)
+#   make test    the test suite (what CI runs)
+# Both create .venv and install the project into it first.
+
+PYTHON ?= python3
+# The small CPU build of PyTorch. GPU users: make setup TORCH="torch==2.14.1" (a CUDA build), or
+# install their own CUDA torch into .venv first; pyproject's torch>=2.4 keeps it.
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+export PATH := $(BIN):$(PATH)
+export RAY_USAGE_STATS_ENABLED := 0
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup repro test lint bench chromium
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[ray,test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+repro: setup
+	dvc repro
+
+# The browser test drives Debian's Chromium (never a downloaded browser build).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+test: setup chromium
+	pytest -q
+
+lint: setup
+	ruff check dfnet pipelines tune serve bench tests
+
+bench: setup
+	python bench/inference.py

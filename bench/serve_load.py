@@ -1,0 +1,254 @@
+"""Load test of the Serve endpoint: dynamic batching on vs off, against the raw Inpainter.
+
+    python bench/serve_load.py [--preset small] [--size 128] [--requests 200] [--clients 16]
+                               [--max-batch-size 8] [--batch-wait-s 0.02] [--threads 2]
+                               [--modes batched unbatched] [--model DIR] [--json out.json]
+    python bench/serve_load.py --url http://127.0.0.1:8000 ...   # an endpoint already running
+
+Everything is measured in one run on the same images (random photos with a random rectangular
+hole): first the raw `Inpainter` in this process (one image per call, then `inpaint_batch` in
+chunks of --max-batch-size: the ceiling a server can reach), then, for each mode, a Serve
+application started here (a local Ray), driven by --clients concurrent HTTP clients until
+--requests answers have come back. Printed: throughput, p50/p95/p99 latency, the batch sizes
+the server formed (from its /stats), and served throughput as a share of the raw batched one.
+The clients share the machine with the server: on a small machine they cost it CPU time.
+No assertions: this is a measurement.
+"""
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+from dfnet.inpaint import Inpainter  # noqa: E402
+from dfnet.model import build_model  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", help="drive this running endpoint instead of starting one")
+    parser.add_argument("--model", help="model directory (default: a random-init --preset)")
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--size", type=int, default=128, help="square image side")
+    parser.add_argument("--images", type=int, default=16, help="distinct images cycled through")
+    parser.add_argument("--requests", type=int, default=200, help="answered requests per mode")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent clients")
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--batch-wait-s", type=float, default=0.02)
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch threads"
+    )
+    parser.add_argument("--modes", nargs="+", default=["batched", "unbatched"])
+    parser.add_argument("--json", help="also write the results here")
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- workload
+def make_workload(count: int, size: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Smooth random photos (noise blurred by downscaling) and masks with one rectangular hole
+    covering 10-25% of the image."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for _ in range(count):
+        small = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
+        photo = np.asarray(Image.fromarray(small).resize((size, size), Image.BICUBIC))
+        hole = np.zeros((size, size), dtype=np.uint8)
+        h, w = (int(size * f) for f in rng.uniform(0.3, 0.5, 2))
+        y, x = rng.integers(0, size - h), rng.integers(0, size - w)
+        hole[y : y + h, x : x + w] = 255
+        items.append((photo, hole))
+    return items
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def percentiles(latencies: list[float]) -> dict[str, float]:
+    ordered = np.sort(np.asarray(latencies)) * 1000
+    return {f"p{p}": float(np.percentile(ordered, p)) for p in (50, 95, 99)}
+
+
+# --------------------------------------------------------------------------- raw model
+def bench_raw(inpainter: Inpainter, workload: list, requests: int, batch: int) -> dict[str, Any]:
+    """Images/s of the Inpainter alone, on arrays (no HTTP, no PNG), one per call and batched."""
+    images = [workload[i % len(workload)][0] for i in range(requests)]
+    masks = [workload[i % len(workload)][1] for i in range(requests)]
+    inpainter.inpaint_batch(images[:batch], masks[:batch])  # warm-up (allocator, oneDNN plans)
+    results = {}
+    for name, step in (("raw, 1 per call", 1), (f"raw, inpaint_batch({batch})", batch)):
+        start = time.perf_counter()
+        for i in range(0, requests, step):
+            inpainter.inpaint_batch(images[i : i + step], masks[i : i + step])
+        elapsed = time.perf_counter() - start
+        results[name] = {"throughput": requests / elapsed, "seconds": elapsed, "batch": step}
+    return results
+
+
+# --------------------------------------------------------------------------- served
+async def drive(
+    url: str, bodies: list[tuple[bytes, bytes]], requests: int, clients: int
+) -> dict[str, Any]:
+    """`clients` concurrent loops posting until `requests` answers; latency per request."""
+    import httpx
+
+    latencies: list[float] = []
+    batch_sizes: Counter[int] = Counter()
+    statuses: Counter[int] = Counter()
+    issued = 0
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal issued
+        while issued < requests:
+            image, mask = bodies[issued % len(bodies)]
+            issued += 1
+            files = {"image": ("i.png", image, "image/png"), "mask": ("m.png", mask, "image/png")}
+            start = time.perf_counter()
+            response = await http.post(url + "/inpaint", files=files)
+            latencies.append(time.perf_counter() - start)
+            statuses[response.status_code] += 1
+            batch_sizes[int(response.headers.get("x-batch-size", 0))] += 1
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        elapsed = time.perf_counter() - start
+    return {
+        "throughput": len(latencies) / elapsed,
+        "seconds": elapsed,
+        **percentiles(latencies),
+        "statuses": dict(statuses),
+        "client_batch_sizes": dict(sorted(batch_sizes.items())),
+    }
+
+
+def bench_served(url: str, bodies: list, args: argparse.Namespace) -> dict[str, Any]:
+    import httpx
+
+    # Warm-up outside the timing: connections, the first batches, lazy initialisation.
+    asyncio.run(drive(url, bodies, 2 * args.max_batch_size, args.clients))
+    before = httpx.get(url + "/stats", timeout=30).json()["batch_sizes"]
+    result = asyncio.run(drive(url, bodies, args.requests, args.clients))
+    after = httpx.get(url + "/stats", timeout=30).json()["batch_sizes"]
+    # Server-side view: batches formed during the timed run only.
+    formed = {int(k): v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+    result["server_batch_sizes"] = dict(sorted(formed.items()))
+    batches = sum(formed.values())
+    result["mean_batch_size"] = sum(k * v for k, v in formed.items()) / batches if batches else 0.0
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    torch.set_num_threads(args.threads)
+    workload = make_workload(args.images, args.size)
+    bodies = [(png(photo), png(hole)) for photo, hole in workload]
+    with tempfile.TemporaryDirectory(prefix="dfnet-bench-") as tmp:
+        model_dir = args.model
+        if model_dir is None:
+            torch.manual_seed(0)
+            model_dir = str(build_model(args.preset).save_pretrained(Path(tmp) / "model"))
+        inpainter = Inpainter.from_pretrained(model_dir, "cpu", max_batch=args.max_batch_size)
+        report: dict[str, Any] = {
+            "config": {k: v for k, v in vars(args).items() if k != "json"},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "torch": torch.__version__,
+            },
+            "raw": bench_raw(inpainter, workload, args.requests, args.max_batch_size),
+            "served": {},
+        }
+        del inpainter
+        if args.url:
+            report["served"]["target"] = bench_served(args.url.rstrip("/"), bodies, args)
+            return report
+
+        import ray
+        from ray import serve
+
+        from serve.app import app_builder
+
+        ray.init(num_cpus=max(2, args.threads), include_dashboard=False, log_to_driver=False)
+        try:
+            port = free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            for mode in args.modes:
+                settings = {
+                    "source": model_dir,
+                    "batching": mode == "batched",
+                    "max_batch_size": args.max_batch_size,
+                    "batch_wait_timeout_s": args.batch_wait_s,
+                    "max_ongoing_requests": max(args.clients, args.max_batch_size) * 2,
+                    "torch_threads": args.threads,
+                    "num_cpus": 0,  # resources are not the point; threads are set explicitly
+                }
+                serve.run(app_builder(settings), name=mode, route_prefix="/")
+                report["served"][mode] = bench_served(f"http://127.0.0.1:{port}", bodies, args)
+                serve.delete(mode)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    return report
+
+
+def print_table(report: dict[str, Any]) -> None:
+    config = report["config"]
+    best_raw = max(r["throughput"] for r in report["raw"].values())
+    print(
+        f"\n{config['preset']} preset, {config['size']}² images, {config['requests']} requests, "
+        f"{config['clients']} clients, max_batch_size {config['max_batch_size']}, "
+        f"batch wait {config['batch_wait_s']} s, {config['threads']} torch threads, "
+        f"{report['machine']['cpus']} CPUs\n"
+    )
+    print("| run | img/s | % of raw batched | p50 ms | p95 ms | p99 ms | batch sizes (count) |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for name, r in report["raw"].items():
+        share = 100 * r["throughput"] / best_raw
+        print(f"| {name} | {r['throughput']:.1f} | {share:.0f}% | | | | {r['batch']} |")
+    for name, r in report["served"].items():
+        sizes = ", ".join(f"{k}: {v}" for k, v in r["server_batch_sizes"].items())
+        print(
+            f"| served, {name} | {r['throughput']:.1f} | {100 * r['throughput'] / best_raw:.0f}% "
+            f"| {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} "
+            f"| {sizes} (mean {r['mean_batch_size']:.2f}) |"
+        )
+    errors = {n: r["statuses"] for n, r in report["served"].items() if set(r["statuses"]) != {200}}
+    if errors:
+        print(f"\nnon-200 answers: {errors}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    report = run(args)
+    print_table(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,627 @@
+"""The Ray Serve endpoint, run for real: a local Ray, Serve on a free loopback port, httpx.
+
+Two applications share one Serve instance: `/` with dynamic batching and `/nobatch` without.
+The model is a randomly initialised `small` preset saved to a temporary model directory, so the
+tests check plumbing (sizes, modes, bit-exact known pixels, batching, errors), not quality.
+"""
+
+import base64
+import io
+import json
+import os
+import socket
+import sys
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `serve` is a folder of the repository, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from dfnet.model import DFNet, build_model  # noqa: E402
+from serve.app import (  # noqa: E402
+    ServeSettings,
+    app_builder,
+    build_app,
+    decode_image,
+    load_inpainter,
+    resolve_source,
+)
+
+MAX_PIXELS = 512 * 512
+MAX_UPLOAD = 1_000_000
+
+
+# --------------------------------------------------------------------------- helpers
+def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def random_image(height: int, width: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    array = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+    return Image.fromarray(array[..., 0] if channels == 1 else array, mode)
+
+
+def rect_mask(height: int, width: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Bool hole (True = fill) with rows box[0]:box[2], columns box[1]:box[3]."""
+    hole = np.zeros((height, width), dtype=bool)
+    hole[box[0] : box[2], box[1] : box[3]] = True
+    return hole
+
+
+def mask_png(hole: np.ndarray, white_is_hole: bool = True) -> bytes:
+    white = hole if white_is_hole else ~hole
+    return encode(Image.fromarray(white.astype(np.uint8) * 255, "L"))
+
+
+def multipart(image: bytes, mask: bytes, **fields: str) -> dict:
+    return {
+        "files": {
+            "image": ("image.png", image, "image/png"),
+            "mask": ("mask.png", mask, "image/png"),
+        },
+        "data": fields,
+    }
+
+
+def decode_png(response: httpx.Response) -> Image.Image:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(response.content))
+    assert image.format == "PNG"
+    image.load()
+    return image
+
+
+def png_bomb(side: int = 20_000) -> bytes:
+    """A valid 1-bit PNG of side×side black pixels: ~50 MB when decoded, ~50 KB on the wire."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return len(data).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+
+    header = side.to_bytes(4, "big") * 2 + bytes([1, 0, 0, 0, 0])  # depth 1, greyscale
+    row = b"\x00" * (1 + (side + 7) // 8)  # filter byte + packed pixels
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row * 500) for _ in range(side // 500)) + compressor.flush()
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str  # the batched application
+    nobatch_url: str  # the same model without batching
+    model_dir: Path
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    return build_model("small").save_pretrained(tmp_path_factory.mktemp("serve") / "model")
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, model_dir: Path):
+    """Serve started once for this file; shut down (Ray itself stays for other files)."""
+    from ray import serve
+
+    serve.shutdown()  # a Serve left by another file would keep its own port and options
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    common = dict(
+        source=str(model_dir),
+        num_cpus=0,  # do not compete with other test files for the session's 2 CPUs
+        torch_threads=1,
+        max_pixels=MAX_PIXELS,
+        max_upload_bytes=MAX_UPLOAD,
+        max_batch_size=4,
+        max_ongoing_requests=16,
+        batch_wait_timeout_s=0.1,
+        warmup=False,
+    )
+    serve.run(app_builder(common), name="batched", route_prefix="/")
+    serve.run(app_builder({**common, "batching": False}), name="unbatched", route_prefix="/nobatch")
+    base = f"http://127.0.0.1:{port}"
+    yield Server(url=base, nobatch_url=base + "/nobatch", model_dir=model_dir)
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server: Server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def assert_still_serving(client: httpx.Client) -> None:
+    """The very next valid request after a rejected one succeeds."""
+    image = random_image(64, 64, seed=7)
+    hole = rect_mask(64, 64, (10, 10, 30, 30))
+    response = client.post("/inpaint", **multipart(encode(image), mask_png(hole)))
+    result = np.asarray(decode_png(response))
+    np.testing.assert_array_equal(result[~hole], np.asarray(image)[~hole])
+
+
+# --------------------------------------------------------------------------- basic routes
+def test_health_model_page_and_docs(server: Server, client: httpx.Client) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    info = client.get("/model").json()
+    assert info["source"] == str(server.model_dir)
+    assert info["kind"] == "directory"
+    assert info["preset"] == "small"
+    assert info["parameters"] == build_model("small").num_parameters()
+    assert info["batching"]["enabled"] is True and info["batching"]["max_batch_size"] == 4
+    assert info["limits"] == {"max_pixels": MAX_PIXELS, "max_upload_bytes": MAX_UPLOAD}
+    assert httpx.get(server.nobatch_url + "/model").json()["batching"]["enabled"] is False
+
+    page = client.get("/")
+    assert page.headers["content-type"].startswith("text/html")
+    for element in ('id="canvas"', 'id="inpaint"', 'id="result"', 'fetch("inpaint"'):
+        assert element in page.text
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    body = spec["paths"]["/inpaint"]["post"]["requestBody"]["content"]
+    assert set(body) == {"multipart/form-data", "application/json"}
+    assert body["multipart/form-data"]["schema"]["required"] == ["image", "mask"]
+
+
+# --------------------------------------------------------------------------- valid requests
+@pytest.mark.parametrize(
+    ("mode", "fmt"),
+    [("RGB", "PNG"), ("RGBA", "PNG"), ("L", "PNG"), ("RGB", "JPEG"), ("RGB", "WEBP")],
+)
+def test_inpaint_keeps_size_mode_and_known_pixels(
+    client: httpx.Client, mode: str, fmt: str
+) -> None:
+    image = random_image(90, 130, mode, seed=1)  # not a multiple of the network's 64
+    data = encode(image, fmt, **({"quality": 90} if fmt in ("JPEG", "WEBP") else {}))
+    decoded = np.asarray(Image.open(io.BytesIO(data)).convert(mode))  # what the server sees
+    hole = rect_mask(90, 130, (20, 30, 60, 90))
+    response = client.post("/inpaint", **multipart(data, mask_png(hole)))
+    result = decode_png(response)
+    assert result.size == (130, 90) and result.mode == mode
+    out = np.asarray(result)
+    np.testing.assert_array_equal(out[~hole], decoded[~hole])
+    assert (out[hole] != decoded[hole]).any()  # the hole was really filled by the model
+    assert int(response.headers["x-hole-pixels"]) == hole.sum()
+
+
+def test_json_base64_and_data_url(client: httpx.Client) -> None:
+    image = random_image(64, 96, seed=2)
+    hole = rect_mask(64, 96, (5, 5, 40, 50))
+    payload = {
+        "image": base64.b64encode(encode(image)).decode(),
+        "mask": "data:image/png;base64," + base64.b64encode(mask_png(hole)).decode(),
+        "strategy": "pad",
+    }
+    result = np.asarray(decode_png(client.post("/inpaint", json=payload)))
+    assert result.shape == (64, 96, 3)
+    np.testing.assert_array_equal(result[~hole], np.asarray(image)[~hole])
+
+
+def test_known_white_convention(client: httpx.Client) -> None:
+    image = random_image(64, 64, seed=3)
+    hole = rect_mask(64, 64, (0, 0, 20, 64))
+    response = client.post(
+        "/inpaint",
+        **multipart(
+            encode(image), mask_png(hole, white_is_hole=False), mask_convention="known-white"
+        ),
+    )
+    assert int(response.headers["x-hole-pixels"]) == hole.sum()
+    np.testing.assert_array_equal(np.asarray(decode_png(response))[~hole], np.asarray(image)[~hole])
+
+
+def test_empty_mask_returns_the_input(client: httpx.Client) -> None:
+    image = random_image(70, 50, "RGBA", seed=4)
+    response = client.post(
+        "/inpaint", **multipart(encode(image), mask_png(np.zeros((70, 50), bool)))
+    )
+    assert response.headers["x-batch-size"] == "0"  # the model was not run
+    np.testing.assert_array_equal(np.asarray(decode_png(response)), np.asarray(image))
+
+
+def test_all_hole_mask(client: httpx.Client) -> None:
+    image = random_image(64, 80, seed=5)
+    result = decode_png(
+        client.post("/inpaint", **multipart(encode(image), mask_png(np.ones((64, 80), bool))))
+    )
+    assert result.size == (80, 64)
+    assert not np.array_equal(np.asarray(result), np.asarray(image))
+
+
+def test_exif_rotation_is_applied_before_the_size_check(client: httpx.Client) -> None:
+    """A phone JPEG stored 80 wide × 60 high with "rotate 90" is shown (and answered) 60 × 80."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    jpeg = encode(random_image(60, 80, seed=6), "JPEG", quality=95, exif=exif)
+    shown = decode_image(jpeg, "image", MAX_PIXELS)
+    assert shown.size == (60, 80)
+    hole = rect_mask(80, 60, (10, 10, 40, 40))
+    result = decode_png(client.post("/inpaint", **multipart(jpeg, mask_png(hole))))
+    assert result.size == (60, 80)
+    np.testing.assert_array_equal(np.asarray(result)[~hole], np.asarray(shown)[~hole])
+    # A mask drawn on the stored (unrotated) pixel grid does not match what the user saw.
+    wrong = client.post("/inpaint", **multipart(jpeg, mask_png(rect_mask(60, 80, (0, 0, 5, 5)))))
+    assert wrong.status_code == 422 and "differs" in wrong.json()["detail"]
+
+
+# --------------------------------------------------------------------------- batching
+def _post_all(url: str, requests: list[dict]) -> list[httpx.Response]:
+    def post(request: dict) -> httpx.Response:
+        with httpx.Client(timeout=60) as c:
+            return c.post(url + "/inpaint", **request)
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(post, requests))
+
+
+def test_concurrent_requests_are_batched_and_answered_in_order(server: Server) -> None:
+    # Mixed sizes and strategies in one batch: each answer must belong to its own request.
+    shapes = [(64, 64), (100, 80), (64, 64), (100, 80)]
+    strategies = ["auto", "auto", "pad", "crops"]
+    images = [random_image(h, w, seed=10 + i) for i, (h, w) in enumerate(shapes)]
+    holes = [rect_mask(h, w, (8 + 2 * i, 8, 40, 50)) for i, (h, w) in enumerate(shapes)]
+    requests = [
+        multipart(encode(img), mask_png(hole), strategy=s)
+        for img, hole, s in zip(images, holes, strategies, strict=True)
+    ]
+    before = httpx.get(server.url + "/stats").json()["batch_sizes"]
+    batched = _post_all(server.url, requests)
+    sequential = [httpx.post(server.nobatch_url + "/inpaint", timeout=60, **r) for r in requests]
+
+    sizes = [int(r.headers["x-batch-size"]) for r in batched]
+    assert max(sizes) > 1, f"no batching observed: {sizes}"
+    after = httpx.get(server.url + "/stats").json()["batch_sizes"]
+    assert any(int(k) > 1 and after[k] > before.get(k, 0) for k in after)
+    assert all(r.headers["x-batch-size"] == "1" for r in sequential)
+    for image, hole, b, s in zip(images, holes, batched, sequential, strict=True):
+        out_b, out_s = np.asarray(decode_png(b)), np.asarray(decode_png(s))
+        assert out_b.shape == np.asarray(image).shape
+        np.testing.assert_array_equal(out_b[~hole], np.asarray(image)[~hole])
+        # Same model, same input: batch composition may only move the float rounding.
+        assert np.abs(out_b.astype(int) - out_s.astype(int)).max() <= 2
+
+
+def test_unbatched_app_never_batches(server: Server) -> None:
+    image, hole = random_image(64, 64, seed=20), rect_mask(64, 64, (5, 5, 30, 30))
+    responses = _post_all(server.nobatch_url, [multipart(encode(image), mask_png(hole))] * 3)
+    assert [r.headers["x-batch-size"] for r in responses] == ["1", "1", "1"]
+    assert set(httpx.get(server.nobatch_url + "/stats").json()["batch_sizes"]) == {"1"}
+
+
+# --------------------------------------------------------------------------- bad input
+def _valid() -> tuple[bytes, bytes]:
+    return encode(random_image(64, 64, seed=30)), mask_png(rect_mask(64, 64, (5, 5, 20, 20)))
+
+
+def _truncated_png() -> bytes:
+    data = encode(random_image(100, 100, seed=31))  # noise does not compress: ~30 KB
+    return data[: len(data) // 2]
+
+
+def _bad_requests() -> list[tuple[str, int, dict]]:
+    image, mask = _valid()
+    gif = encode(random_image(64, 64, seed=32), "GIF")
+    big = encode(Image.new("RGB", (600, 600)))  # 360,000 px > 512² yet a small upload
+    return [
+        ("not an image", 422, multipart(b"hello, I am text", mask)),
+        ("truncated file", 422, multipart(_truncated_png(), mask)),
+        ("empty file", 422, multipart(b"", mask)),
+        ("unsupported format (GIF)", 422, multipart(gif, mask)),
+        ("wrong content type", 415, {"content": image, "headers": {"content-type": "image/png"}}),
+        ("urlencoded form", 415, {"data": {"image": "x", "mask": "y"}}),
+        ("mask size differs", 422, multipart(image, mask_png(rect_mask(32, 64, (0, 0, 5, 5))))),
+        ("over the pixel limit", 413, multipart(big, encode(Image.new("L", (600, 600))))),
+        ("decompression bomb", 413, multipart(png_bomb(), mask)),
+        ("missing mask", 422, {"files": {"image": ("a.png", image, "image/png")}}),
+        ("missing image", 422, {"files": {"mask": ("m.png", mask, "image/png")}}),
+        (
+            "mask as text field",
+            422,
+            {"files": {"image": ("a.png", image, "image/png")}, "data": {"mask": "x"}},
+        ),
+        ("unknown convention", 422, multipart(image, mask, mask_convention="hole-black")),
+        ("unknown strategy", 422, multipart(image, mask, strategy="tile")),
+        ("huge upload", 413, multipart(image + b"\0" * (2 * MAX_UPLOAD), mask)),
+        (
+            "huge chunked upload",  # no Content-Length: the limit is enforced while reading
+            413,
+            {
+                "content": (b"x" * 65536 for _ in range(2 * MAX_UPLOAD // 65536)),
+                "headers": {"content-type": "multipart/form-data; boundary=zz"},
+            },
+        ),
+        (
+            "malformed multipart",
+            400,
+            {
+                "content": b"--zz\r\nnot a header\r\n\r\nxx",
+                "headers": {"content-type": "multipart/form-data"},
+            },
+        ),
+        (
+            "malformed JSON",
+            400,
+            {"content": b"{'image':", "headers": {"content-type": "application/json"}},
+        ),
+        ("JSON not an object", 422, {"json": [1, 2]}),
+        ("JSON bad base64", 422, {"json": {"image": "!!!not base64!!!", "mask": "AAAA"}}),
+        ("JSON missing mask", 422, {"json": {"image": base64.b64encode(image).decode()}}),
+        ("JSON image not a string", 422, {"json": {"image": 12, "mask": 3}}),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "request_kwargs"),
+    _bad_requests(),
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_bad_input_gets_a_4xx_json_error_and_the_server_goes_on(
+    client: httpx.Client, case: str, status: int, request_kwargs: dict
+) -> None:
+    response = client.post("/inpaint", **request_kwargs)
+    assert response.status_code == status, (case, response.text)
+    assert response.headers["content-type"] == "application/json"
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and detail
+    assert_still_serving(client)
+
+
+def test_rejections_are_counted(client: httpx.Client) -> None:
+    before = client.get("/stats").json()["rejected"].get("415", 0)
+    client.post("/inpaint", content=b"x", headers={"content-type": "text/plain"})
+    assert client.get("/stats").json()["rejected"]["415"] == before + 1
+
+
+# --------------------------------------------------------------------------- fuzzing
+_json_values = st.one_of(
+    st.none(), st.integers(), st.text(max_size=20), st.lists(st.integers(), max_size=3)
+)
+
+
+@st.composite
+def _image_bytes(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["png", "truncated", "garbage", "empty"]))
+    if kind == "garbage":
+        return draw(st.binary(max_size=512))
+    if kind == "empty":
+        return b""
+    height, width = draw(st.integers(1, 72)), draw(st.integers(1, 72))
+    mode = draw(st.sampled_from(["L", "RGB", "RGBA"]))
+    data = encode(random_image(height, width, mode, seed=draw(st.integers(0, 9))))
+    return data[: draw(st.integers(0, len(data) - 1))] if kind == "truncated" else data
+
+
+@st.composite
+def _requests(draw: st.DrawFn) -> dict:
+    style = draw(st.sampled_from(["multipart", "json", "raw"]))
+    fields = draw(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "image": _image_bytes(),
+                "mask": _image_bytes(),
+                "mask_convention": st.sampled_from(
+                    ["hole-white", "known-white", "", "white", "\x00"]
+                ),
+                "strategy": st.sampled_from(["auto", "pad", "resize", "crops", "", "zoom"]),
+            },
+        )
+    )
+    if draw(st.booleans()):
+        # A decodable pair of equal size, so that a share of the examples reaches the model.
+        height, width = draw(st.integers(1, 72)), draw(st.integers(1, 72))
+        fields["image"] = encode(random_image(height, width, draw(st.sampled_from(["L", "RGBA"]))))
+        fields["mask"] = encode(random_image(height, width, "L", seed=draw(st.integers(0, 9))))
+    if style == "multipart":
+        files = {
+            k: (f"{k}.bin", v, "application/octet-stream")
+            for k, v in fields.items()
+            if isinstance(v, bytes)
+        }
+        data = {k: v for k, v in fields.items() if isinstance(v, str)}
+        return {"files": files or {"other": ("x", b"x")}, "data": data}
+    if style == "json":
+        body = {
+            k: base64.b64encode(v).decode() if isinstance(v, bytes) else v
+            for k, v in fields.items()
+        }
+        body.update(
+            draw(
+                st.dictionaries(
+                    st.sampled_from(["image", "mask", "extra"]), _json_values, max_size=2
+                )
+            )
+        )
+        return {
+            "content": json.dumps(body).encode(),
+            "headers": {"content-type": "application/json"},
+        }
+    content_type = draw(
+        st.sampled_from(["multipart/form-data; boundary=b", "application/json", "text/plain", ""])
+    )
+    return {"content": draw(st.binary(max_size=1024)), "headers": {"content-type": content_type}}
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    database=None,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+)
+@given(request=_requests())
+def test_fuzz_inpaint_never_errors_server_side(client: httpx.Client, request: dict) -> None:
+    response = client.post("/inpaint", **request)
+    assert response.status_code < 500, response.text
+    event(f"status {response.status_code}")
+    if response.status_code == 200:
+        decode_png(response)
+    else:
+        assert 400 <= response.status_code < 500
+        assert isinstance(response.json()["detail"], str)
+
+
+def test_server_healthy_after_fuzzing(client: httpx.Client) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert_still_serving(client)
+
+
+def test_schemathesis_openapi_fuzz(server: Server) -> None:
+    """Requests generated from the published OpenAPI spec: never a 5xx (bounded in count)."""
+    schemathesis = pytest.importorskip("schemathesis")
+    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    checked = []
+    for operation in schema.get_all_operations():
+        op = operation.ok()
+        strategy = op.as_strategy()
+
+        @settings(
+            max_examples=15, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
+        @given(case=strategy)
+        def run(case) -> None:
+            response = case.call(base_url=server.url, timeout=60)
+            assert response.status_code < 500, (case.path, response.status_code, response.text)
+
+        run()
+        checked.append(f"{op.method.upper()} {op.path}")
+    assert "POST /inpaint" in checked and "GET /model" in checked
+
+
+# --------------------------------------------------------------------------- configuration
+def test_shipped_config_yaml_is_valid() -> None:
+    config = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    (application,) = config["applications"]
+    assert application["import_path"] == "serve.app:app_builder"
+    settings_ = ServeSettings.from_args(application["args"])
+    options = settings_.deployment_options()
+    assert (
+        options["autoscaling_config"]["max_replicas"]
+        >= options["autoscaling_config"]["min_replicas"]
+    )
+    assert "num_replicas" not in options  # Serve refuses both at once
+    assert options["max_ongoing_requests"] >= settings_.max_batch_size
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"sourc": "x"}, "unknown serve args"),
+        ({"max_pixels": 0}, "max_pixels"),
+        ({"max_batch_size": 64, "max_ongoing_requests": 8}, "max_ongoing_requests"),
+        ({"dtype": "int8"}, "dtype"),
+    ],
+)
+def test_settings_are_validated(args: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ServeSettings.from_args(args)
+
+
+def test_resources_and_autoscaling_reach_serve() -> None:
+    gpu = ServeSettings.from_args({"num_gpus": 1, "num_replicas": 2}).deployment_options()
+    assert gpu["ray_actor_options"]["num_gpus"] == 1 and gpu["num_replicas"] == 2
+    # The options are handed to Serve, which validates them.
+    build_app(ServeSettings(autoscaling_config={"min_replicas": 1, "max_replicas": 3}))
+    with pytest.raises(Exception, match="max_replicas"):
+        build_app(ServeSettings(autoscaling_config={"min_replicas": 3, "max_replicas": 1}))
+
+
+# --------------------------------------------------------------------------- model sources
+def _same_weights(a: DFNet, b: DFNet) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_load_from_directory_and_s3(model_dir: Path, s3_server) -> None:
+    local, info = load_inpainter(str(model_dir), "cpu")
+    assert info["kind"] == "directory" and info["preset"] == "small"
+    for name in ("config.json", "model.safetensors"):
+        s3_server.client.upload_file(
+            str(model_dir / name), s3_server.bucket, f"models/dfnet/{name}"
+        )
+    remote, info = load_inpainter(s3_server.uri("models/dfnet"), "cpu")
+    assert info["kind"] == "s3" and info["source"] == s3_server.uri("models/dfnet")
+    assert _same_weights(local.model, remote.model)
+    with pytest.raises(FileNotFoundError, match="not a DFNet model directory"):
+        load_inpainter(s3_server.uri("nothing/here"), "cpu")
+
+
+def test_load_official_checkpoint(tmp_path: Path) -> None:
+    """A .pth in the release's layout is converted on load (keys from the shared key table)."""
+    table = ROOT.parent / "shared" / "docs" / "official-checkpoint-keys.tsv"
+    if not table.is_file():
+        pytest.skip(f"{table} not present")
+    state = {}
+    for line in table.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, shape = line.split("\t")
+            dims = tuple(int(s) for s in shape.strip("() ").split(",") if s.strip())
+            state[key] = (
+                torch.tensor(1)
+                if key.endswith("num_batches_tracked")
+                else torch.rand(dims) * 0.1 + 0.5
+            )
+    torch.save(state, tmp_path / "model_places2.pth")
+    inpainter, info = load_inpainter(str(tmp_path / "model_places2.pth"), "cpu")
+    assert info["kind"] == "official-checkpoint" and info["preset"] == "official"
+    assert (
+        info["provenance"]["output_quantization"] == "floor" and inpainter.quantization == "floor"
+    )
+
+
+def test_auto_source_prefers_the_registry_champion(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("mlflow")
+    from pipelines.registry import register_model
+
+    monkeypatch.chdir(tmp_path)  # mlflow.db and artifacts land here, never in the repository
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(FileNotFoundError, match="DFNET_MODEL_SOURCE"):
+        resolve_source("auto")
+    (tmp_path / "models").mkdir()
+    fallback = build_model("small").save_pretrained(tmp_path / "models" / "dfnet")
+    assert resolve_source("auto") == str(fallback.resolve())
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        register_model(model_dir, "dfnet", "champion", "l1", 0.1)
+    finally:
+        mlflow.end_run()
+    assert resolve_source("auto") == "models:/dfnet@champion"
+    inpainter, info = load_inpainter("auto", "cpu")
+    assert info["kind"] == "mlflow" and info["alias"] == "champion" and str(info["version"]) == "1"
+    assert _same_weights(inpainter.model, DFNet.from_pretrained(model_dir))
