@@ -1,15 +1,16 @@
 """Load test of the Serve endpoint: dynamic batching on vs off, against the raw Inpainter.
 
     python bench/serve_load.py [--preset small] [--size 128] [--requests 200] [--clients 16]
-                               [--max-batch-size 8] [--batch-wait-s 0.02] [--threads 2]
-                               [--modes batched unbatched] [--model DIR] [--json out.json]
+                               [--max-batch-size 8] [--batch-wait-s 0.02] [--threads N]
+                               [--modes batched unbatched] [--rounds 3] [--model DIR]
+                               [--json out.json]
     python bench/serve_load.py --url http://127.0.0.1:8000 ...   # an endpoint already running
 
 Everything is measured in one run on the same images (random photos with a random rectangular
-hole): first the raw `Inpainter` in this process (one image per call, then `inpaint_batch` in
-chunks of --max-batch-size: the ceiling a server can reach), then, for each mode, a Serve
-application started here (a local Ray), driven by --clients concurrent HTTP clients until
---requests answers have come back. Printed: throughput, p50/p95/p99 latency, the batch sizes
+hole), in --rounds rounds that alternate: the raw `Inpainter` in this process (one image per
+call, then `inpaint_batch` in chunks of --max-batch-size: the ceiling a server can reach), then
+each mode's Serve application (started here on a local Ray, all modes deployed side by side),
+driven by --clients concurrent HTTP clients until --requests answers have come back. Printed: throughput, p50/p95/p99 latency, the batch sizes
 the server formed (from its /stats), and served throughput as a share of the raw batched one.
 The clients share the machine with the server: on a small machine they cost it CPU time.
 No assertions: this is a measurement.
@@ -51,9 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-wait-s", type=float, default=0.02)
     parser.add_argument(
-        "--threads", type=int, default=torch.get_num_threads(), help="torch threads"
+        "--threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) - 1),
+        help="torch threads, raw and in the replica (default: CPUs - 1, one left for HTTP)",
     )
     parser.add_argument("--modes", nargs="+", default=["batched", "unbatched"])
+    parser.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds")
     parser.add_argument("--json", help="also write the results here")
     return parser.parse_args(argv)
 
@@ -134,7 +139,7 @@ async def drive(
     return {
         "throughput": len(latencies) / elapsed,
         "seconds": elapsed,
-        **percentiles(latencies),
+        "latencies": latencies,
         "statuses": dict(statuses),
         "client_batch_sizes": dict(sorted(batch_sizes.items())),
     }
@@ -151,9 +156,33 @@ def bench_served(url: str, bodies: list, args: argparse.Namespace) -> dict[str, 
     # Server-side view: batches formed during the timed run only.
     formed = {int(k): v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
     result["server_batch_sizes"] = dict(sorted(formed.items()))
-    batches = sum(formed.values())
-    result["mean_batch_size"] = sum(k * v for k, v in formed.items()) / batches if batches else 0.0
     return result
+
+
+def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median throughput over rounds; latencies pooled; batch counts summed."""
+    summary: dict[str, Any] = {}
+    for name in rounds[0]:
+        runs = [r[name] for r in rounds]
+        entry: dict[str, Any] = {
+            "throughput": float(np.median([r["throughput"] for r in runs])),
+            "throughput_per_round": [round(r["throughput"], 2) for r in runs],
+        }
+        if "latencies" in runs[0]:
+            entry.update(percentiles([x for r in runs for x in r["latencies"]]))
+            formed: Counter[int] = Counter()
+            statuses: Counter[int] = Counter()
+            for r in runs:
+                formed.update(r["server_batch_sizes"])
+                statuses.update(r["statuses"])
+            batches = sum(formed.values())
+            entry["server_batch_sizes"] = dict(sorted(formed.items()))
+            entry["mean_batch_size"] = sum(k * v for k, v in formed.items()) / max(1, batches)
+            entry["statuses"] = dict(statuses)
+        else:
+            entry["batch"] = runs[0]["batch"]
+        summary[name] = entry
+    return summary
 
 
 def free_port() -> int:
@@ -167,37 +196,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     workload = make_workload(args.images, args.size)
     bodies = [(png(photo), png(hole)) for photo, hole in workload]
+    report: dict[str, Any] = {
+        "config": {k: v for k, v in vars(args).items() if k != "json"},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+        },
+    }
+    rounds: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="dfnet-bench-") as tmp:
         model_dir = args.model
         if model_dir is None:
             torch.manual_seed(0)
             model_dir = str(build_model(args.preset).save_pretrained(Path(tmp) / "model"))
         inpainter = Inpainter.from_pretrained(model_dir, "cpu", max_batch=args.max_batch_size)
-        report: dict[str, Any] = {
-            "config": {k: v for k, v in vars(args).items() if k != "json"},
-            "machine": {
-                "cpus": os.cpu_count(),
-                "platform": platform.platform(),
-                "torch": torch.__version__,
-            },
-            "raw": bench_raw(inpainter, workload, args.requests, args.max_batch_size),
-            "served": {},
-        }
-        del inpainter
+        targets: dict[str, str] = {}
         if args.url:
-            report["served"]["target"] = bench_served(args.url.rstrip("/"), bodies, args)
-            return report
+            targets["target"] = args.url.rstrip("/")
+        else:
+            import ray
+            from ray import serve
 
-        import ray
-        from ray import serve
+            from serve.app import app_builder
 
-        from serve.app import app_builder
-
-        ray.init(num_cpus=max(2, args.threads), include_dashboard=False, log_to_driver=False)
-        try:
+            ray.init(num_cpus=max(2, args.threads), include_dashboard=False, log_to_driver=False)
             port = free_port()
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            for mode in args.modes:
+            for mode in args.modes:  # all deployed at once; an idle replica costs no CPU
                 settings = {
                     "source": model_dir,
                     "batching": mode == "batched",
@@ -207,37 +233,52 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "torch_threads": args.threads,
                     "num_cpus": 0,  # resources are not the point; threads are set explicitly
                 }
-                serve.run(app_builder(settings), name=mode, route_prefix="/")
-                report["served"][mode] = bench_served(f"http://127.0.0.1:{port}", bodies, args)
-                serve.delete(mode)
+                serve.run(app_builder(settings), name=mode, route_prefix=f"/{mode}")
+                targets[mode] = f"http://127.0.0.1:{port}/{mode}"
+        try:
+            # Rounds alternate raw and served runs, so that drift in the machine's load
+            # (shared machines) hits every kind of run alike.
+            for _ in range(args.rounds):
+                measured = bench_raw(inpainter, workload, args.requests, args.max_batch_size)
+                for mode, url in targets.items():
+                    measured[f"served, {mode}"] = bench_served(url, bodies, args)
+                rounds.append(measured)
         finally:
-            serve.shutdown()
-            ray.shutdown()
+            if not args.url:
+                serve.shutdown()
+                ray.shutdown()
+    report["summary"] = summarise(rounds)
+    for measured in rounds:
+        for entry in measured.values():
+            entry.pop("latencies", None)
+    report["rounds"] = rounds
     return report
 
 
 def print_table(report: dict[str, Any]) -> None:
-    config = report["config"]
-    best_raw = max(r["throughput"] for r in report["raw"].values())
+    config, summary = report["config"], report["summary"]
+    raw_batched = next(v["throughput"] for k, v in summary.items() if k.startswith("raw, inpaint"))
     print(
-        f"\n{config['preset']} preset, {config['size']}² images, {config['requests']} requests, "
-        f"{config['clients']} clients, max_batch_size {config['max_batch_size']}, "
-        f"batch wait {config['batch_wait_s']} s, {config['threads']} torch threads, "
-        f"{report['machine']['cpus']} CPUs\n"
+        f"\n{config['preset']} preset, {config['size']}² images, {config['requests']} requests "
+        f"× {config['rounds']} rounds, {config['clients']} clients, max_batch_size "
+        f"{config['max_batch_size']}, batch wait {config['batch_wait_s']} s, {config['threads']} "
+        f"torch thread(s), {report['machine']['cpus']} CPUs (throughput: median of rounds)\n"
     )
-    print("| run | img/s | % of raw batched | p50 ms | p95 ms | p99 ms | batch sizes (count) |")
+    print("| run | img/s | vs raw batched | p50 ms | p95 ms | p99 ms | batch sizes formed |")
     print("|---|---:|---:|---:|---:|---:|---|")
-    for name, r in report["raw"].items():
-        share = 100 * r["throughput"] / best_raw
-        print(f"| {name} | {r['throughput']:.1f} | {share:.0f}% | | | | {r['batch']} |")
-    for name, r in report["served"].items():
-        sizes = ", ".join(f"{k}: {v}" for k, v in r["server_batch_sizes"].items())
+    for name, r in summary.items():
+        share = f"{100 * r['throughput'] / raw_batched:.0f}%"
+        if "p50" not in r:
+            print(f"| {name} | {r['throughput']:.1f} | {share} | | | | {r['batch']} per call |")
+            continue
+        sizes = ", ".join(f"{k}×{v}" for k, v in r["server_batch_sizes"].items())
         print(
-            f"| served, {name} | {r['throughput']:.1f} | {100 * r['throughput'] / best_raw:.0f}% "
-            f"| {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} "
-            f"| {sizes} (mean {r['mean_batch_size']:.2f}) |"
+            f"| {name} | {r['throughput']:.1f} | {share} | {r['p50']:.0f} | {r['p95']:.0f} "
+            f"| {r['p99']:.0f} | {sizes} (mean {r['mean_batch_size']:.2f}) |"
         )
-    errors = {n: r["statuses"] for n, r in report["served"].items() if set(r["statuses"]) != {200}}
+    errors = {
+        n: r["statuses"] for n, r in summary.items() if set(r.get("statuses", {200: 0})) != {200}
+    }
     if errors:
         print(f"\nnon-200 answers: {errors}")
 

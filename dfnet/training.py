@@ -17,7 +17,9 @@ from dfnet.model import DFNet
 from dfnet.params import TrainParams
 
 
-def make_optimizer(model: nn.Module, train: TrainParams) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.StepLR]:
+def make_optimizer(
+    model: nn.Module, train: TrainParams
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.StepLR]:
     """Adam with the paper's schedule: the learning rate ×gamma every `lr_decay_epochs` epochs."""
     optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=train.lr_decay_epochs, gamma=train.lr_decay_gamma)

@@ -67,7 +67,9 @@ def register_model(
     client = MlflowClient()
     context = mlflow.start_run(run_id=run_id) if run_id or not mlflow.active_run() else contextlib.nullcontext()
     with context:
-        info = mlflow.pyfunc.log_model(name="model", python_model=DFNetPyfunc(), artifacts={ARTIFACT_KEY: str(model_dir)})
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=DFNetPyfunc(), artifacts={ARTIFACT_KEY: str(model_dir)}
+        )
         mlflow.log_metric(f"registered_{metric}", value)
     version = mlflow.register_model(info.model_uri, name).version
     client.set_model_version_tag(name, version, METRIC_TAG_PREFIX + metric, str(value))

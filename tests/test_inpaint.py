@@ -143,7 +143,8 @@ def test_cli_folder_counts_failures_and_keeps_going(model_dir: Path, tmp_path: P
         Image.fromarray(hole_mask(64, 96, [(10, 10, 30, 30)])).save(masks / f"p{i}.png")
     (images / "broken.png").write_bytes(b"not an image")
     Image.fromarray(hole_mask(64, 96, [(1, 1, 5, 5)])).save(masks / "broken.png")
-    code = cli_main(["inpaint", "--model", str(model_dir), "--image", str(images), "--mask", str(masks), "--out", str(out)])
+    args = ["inpaint", "--model", str(model_dir), "--image", str(images), "--mask", str(masks), "--out", str(out)]
+    code = cli_main(args)
     assert code == 1  # one failure reported through the exit code
     assert sorted(p.name for p in out.iterdir()) == ["p0.png", "p1.png", "p2.png"]
 
