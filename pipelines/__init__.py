@@ -1,0 +1,17 @@
+"""DVC stage entry points: `python -m pipelines.<stage> [--params params.yaml]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from dfnet.params import Params, load_params
+
+
+def stage_params(description: str, argv: list[str] | None = None) -> Params:
+    """The command line every stage shares: `--params`, logging set up, params.yaml parsed."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml", help="path to params.yaml")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return load_params(args.params)

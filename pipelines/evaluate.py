@@ -11,7 +11,6 @@ metrics/eval_bins.csv (`dvc plots show`), metrics/eval_metrics.png and metrics/e
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -28,7 +27,8 @@ from dfnet.inpaint import Inpainter
 from dfnet.masks import HOLE_BINS, load_masks
 from dfnet.metrics import bpe, default_band_width, fid, l1_percent, psnr, ssim
 from dfnet.model import DFNet
-from dfnet.params import Params, load_params
+from dfnet.params import Params
+from pipelines import stage_params
 
 log = logging.getLogger("dfnet.evaluate")
 # A method maps (images NHW3 uint8, known masks NHW uint8 1 = known) to completed NHW3 uint8.
@@ -174,11 +174,7 @@ def print_table(results: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    params = load_params(args.params)
+    params = stage_params(__doc__, argv)
     torch.manual_seed(params.train.seed)
     methods = {
         "dfnet": dfnet_method(DFNet.from_pretrained(params.train.out_dir)),

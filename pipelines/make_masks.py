@@ -15,7 +15,6 @@ ratio statistics) and ``masks_preview.png`` (a grid to look at: white = known, b
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -28,7 +27,8 @@ from PIL import Image
 
 from dfnet.data import filesystem_for
 from dfnet.masks import HOLE_BINS, evaluation_masks, hole_ratio, mask_pool, save_masks
-from dfnet.params import MaskParams, load_params
+from dfnet.params import MaskParams
+from pipelines import stage_params
 
 log = logging.getLogger("pipelines.make_masks")
 
@@ -118,11 +118,7 @@ def make_masks(masks: MaskParams, image_size: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="path to params.yaml")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    params = load_params(args.params)
+    params = stage_params(__doc__, argv)
     summary = make_masks(params.masks, params.data.image_size)
     print(json.dumps(summary, indent=2))
 

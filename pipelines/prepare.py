@@ -23,7 +23,6 @@ S3 or the sample source need nothing else.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import logging
@@ -51,7 +50,8 @@ from dfnet.data import (
     split_of,
     try_decode_image,
 )
-from dfnet.params import DataParams, load_params
+from dfnet.params import DataParams
+from pipelines import stage_params
 
 log = logging.getLogger("pipelines.prepare")
 
@@ -316,11 +316,7 @@ def prepare(params: DataParams) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="path to params.yaml")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    prepare(load_params(args.params).data)
+    prepare(stage_params(__doc__, argv).data)
 
 
 if __name__ == "__main__":

@@ -8,25 +8,19 @@ its mean evaluation metric (`register.metric`, lower is better) beats the curren
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import logging
 from pathlib import Path
 
 import mlflow
 
 from dfnet.model import read_model_config
-from dfnet.params import load_params
+from pipelines import stage_params
 from pipelines.registry import register_model
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    params = load_params(args.params)
+    params = stage_params(__doc__, argv)
     evaluation = json.loads((Path(params.evaluate.out_dir) / "eval.json").read_text())
     value = evaluation["dfnet"]["mean"][params.register.metric]
 

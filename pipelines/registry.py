@@ -34,7 +34,8 @@ class DFNetPyfunc(mlflow.pyfunc.PythonModel):
 
         self.inpainter = Inpainter.from_pretrained(context.artifacts[ARTIFACT_KEY])
 
-    def predict(self, context: Any, model_input: dict[str, np.ndarray], params: dict | None = None) -> np.ndarray:
+    # model_input is left unannotated: MLflow turns predict's type hints into a schema it enforces.
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         images, masks = model_input["image"], model_input["mask"]
         out = self.inpainter.inpaint_batch(list(images), list(masks), mask_convention="hole-white")
         return np.stack([np.asarray(o) for o in out])

@@ -12,7 +12,6 @@ model directory to `train.out_dir`; curves and sample grids go to `metrics/`.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -34,8 +33,9 @@ from dfnet.data import MaskSampler, decode_png_batch
 from dfnet.losses import DFNetLoss
 from dfnet.masks import load_masks
 from dfnet.metrics import bpe, default_band_width, l1_percent
-from dfnet.params import Params, load_params, parse_params
+from dfnet.params import Params, parse_params
 from dfnet.training import make_optimizer, sample_grid, to_batch, train_step
+from pipelines import stage_params
 
 log = logging.getLogger("dfnet.train")
 STATE_FILE = "train_state.pt"
@@ -342,15 +342,7 @@ def write_training_report(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    params = load_params(args.params)
+    params = stage_params(__doc__, argv)
     if not ray.is_initialized():
         ray.init()
     name = run_name(params)
