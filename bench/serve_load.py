@@ -8,16 +8,19 @@
 
 Everything is measured in one run on the same images (random photos with a random rectangular
 hole), in --rounds rounds that alternate: the raw `Inpainter` in this process (one image per
-call, then `inpaint_batch` in chunks of --max-batch-size: the ceiling a server can reach), then
-each mode's Serve application (started here on a local Ray, all modes deployed side by side),
-driven by --clients concurrent HTTP clients until --requests answers have come back. Printed: throughput, p50/p95/p99 latency, the batch sizes
-the server formed (from its /stats), and served throughput as a share of the raw batched one.
-The clients share the machine with the server: on a small machine they cost it CPU time.
+call; --max-batch-size images per call, in forward passes sized as the server sizes them and
+in one pass), then each mode's Serve application (started here on a local Ray, all modes
+deployed side by side), driven by --clients concurrent HTTP clients until --requests answers
+have come back. Printed: throughput, p50/p95/p99 latency, the batch sizes the server formed
+(from its /stats), served throughput as a share of the best raw run, and the CPU time per
+request spent by the replica, Serve's proxy and the load generator (the clients share the
+machine with the server: on a small machine they cost it CPU time).
 No assertions: this is a measurement.
 """
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -93,18 +96,45 @@ def percentiles(latencies: list[float]) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- raw model
 def bench_raw(inpainter: Inpainter, workload: list, requests: int, batch: int) -> dict[str, Any]:
-    """Images/s of the Inpainter alone, on arrays (no HTTP, no PNG), one per call and batched."""
+    """Images/s of the Inpainter alone, on arrays (no HTTP, no PNG): one image per call; `batch`
+    images per call in forward passes sized as the server sizes them on CPU (at most
+    CPU_FORWARD_PIXELS pixels); and `batch` images per call in a single forward pass."""
+    from serve.app import CPU_FORWARD_PIXELS, forward_area
+
     images = [workload[i % len(workload)][0] for i in range(requests)]
     masks = [workload[i % len(workload)][1] for i in range(requests)]
-    inpainter.inpaint_batch(images[:batch], masks[:batch])  # warm-up (allocator, oneDNN plans)
+    area = forward_area(inpainter, images[0].shape[:2], "auto")
+    server_pass = max(1, min(batch, CPU_FORWARD_PIXELS // area))
+    runs = (
+        ("raw, 1 per call", 1, 1),
+        (f"raw, {batch} per call, passes of {server_pass}", batch, server_pass),
+        (f"raw, {batch} per call, one pass", batch, batch),
+    )
     results = {}
-    for name, step in (("raw, 1 per call", 1), (f"raw, inpaint_batch({batch})", batch)):
+    for name, step, per_pass in runs:
+        inpainter.max_batch = per_pass
+        inpainter.inpaint_batch(images[:step], masks[:step])  # warm-up (allocator, oneDNN plans)
         start = time.perf_counter()
         for i in range(0, requests, step):
             inpainter.inpaint_batch(images[i : i + step], masks[i : i + step])
         elapsed = time.perf_counter() - start
         results[name] = {"throughput": requests / elapsed, "seconds": elapsed, "batch": step}
     return results
+
+
+def _cpu_seconds(patterns: dict[str, str]) -> dict[str, float]:
+    """CPU time (user + system) so far of this process ("client") and of every process whose
+    command line contains a pattern (Ray names its workers "ray::ServeReplica:APP:...")."""
+    import psutil
+
+    totals = {"client": sum(psutil.Process().cpu_times()[:2])}
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        for label, pattern in patterns.items():
+            if pattern in cmdline:
+                with contextlib.suppress(psutil.Error):  # it may have exited meanwhile
+                    totals[label] = totals.get(label, 0.0) + sum(proc.cpu_times()[:2])
+    return totals
 
 
 # --------------------------------------------------------------------------- served
@@ -145,14 +175,23 @@ async def drive(
     }
 
 
-def bench_served(url: str, bodies: list, args: argparse.Namespace) -> dict[str, Any]:
+def bench_served(
+    url: str, bodies: list, args: argparse.Namespace, processes: dict[str, str] | None = None
+) -> dict[str, Any]:
     import httpx
 
     # Warm-up outside the timing: connections, the first batches, lazy initialisation.
     asyncio.run(drive(url, bodies, 2 * args.max_batch_size, args.clients))
     before = httpx.get(url + "/stats", timeout=30).json()["batch_sizes"]
+    cpu_before = _cpu_seconds(processes or {})
     result = asyncio.run(drive(url, bodies, args.requests, args.clients))
+    cpu_after = _cpu_seconds(processes or {})
     after = httpx.get(url + "/stats", timeout=30).json()["batch_sizes"]
+    # Where the CPU went, per answered request: the replica (model + HTTP handling), Serve's
+    # proxy, and the load generator itself (which on a small machine competes with both).
+    result["cpu_ms_per_request"] = {
+        k: 1000 * (cpu_after[k] - cpu_before.get(k, 0.0)) / args.requests for k in cpu_after
+    }
     # Server-side view: batches formed during the timed run only.
     formed = {int(k): v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
     result["server_batch_sizes"] = dict(sorted(formed.items()))
@@ -179,6 +218,10 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             entry["server_batch_sizes"] = dict(sorted(formed.items()))
             entry["mean_batch_size"] = sum(k * v for k, v in formed.items()) / max(1, batches)
             entry["statuses"] = dict(statuses)
+            entry["cpu_ms_per_request"] = {
+                k: float(np.median([r["cpu_ms_per_request"].get(k, 0.0) for r in runs]))
+                for k in runs[0]["cpu_ms_per_request"]
+            }
         else:
             entry["batch"] = runs[0]["batch"]
         summary[name] = entry
@@ -241,7 +284,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for _ in range(args.rounds):
                 measured = bench_raw(inpainter, workload, args.requests, args.max_batch_size)
                 for mode, url in targets.items():
-                    measured[f"served, {mode}"] = bench_served(url, bodies, args)
+                    processes = {"replica": f"ServeReplica:{mode}:", "proxy": "ray::ProxyActor"}
+                    measured[f"served, {mode}"] = bench_served(
+                        url, bodies, args, None if args.url else processes
+                    )
                 rounds.append(measured)
         finally:
             if not args.url:
@@ -257,24 +303,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_table(report: dict[str, Any]) -> None:
     config, summary = report["config"], report["summary"]
-    raw_batched = next(v["throughput"] for k, v in summary.items() if k.startswith("raw, inpaint"))
+    best_raw = max(v["throughput"] for k, v in summary.items() if k.startswith("raw"))
     print(
         f"\n{config['preset']} preset, {config['size']}² images, {config['requests']} requests "
         f"× {config['rounds']} rounds, {config['clients']} clients, max_batch_size "
         f"{config['max_batch_size']}, batch wait {config['batch_wait_s']} s, {config['threads']} "
         f"torch thread(s), {report['machine']['cpus']} CPUs (throughput: median of rounds)\n"
     )
-    print("| run | img/s | vs raw batched | p50 ms | p95 ms | p99 ms | batch sizes formed |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print(
+        "| run | img/s | vs best raw | p50 ms | p95 ms | p99 ms | batch sizes formed "
+        "| CPU ms/request |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---|---|")
     for name, r in summary.items():
-        share = f"{100 * r['throughput'] / raw_batched:.0f}%"
+        share = f"{100 * r['throughput'] / best_raw:.0f}%"
         if "p50" not in r:
-            print(f"| {name} | {r['throughput']:.1f} | {share} | | | | {r['batch']} per call |")
+            print(f"| {name} | {r['throughput']:.1f} | {share} | | | | | |")
             continue
         sizes = ", ".join(f"{k}×{v}" for k, v in r["server_batch_sizes"].items())
+        cpu = ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_ms_per_request"].items())
         print(
             f"| {name} | {r['throughput']:.1f} | {share} | {r['p50']:.0f} | {r['p95']:.0f} "
-            f"| {r['p99']:.0f} | {sizes} (mean {r['mean_batch_size']:.2f}) |"
+            f"| {r['p99']:.0f} | {sizes} (mean {r['mean_batch_size']:.2f}) | {cpu} |"
         )
     errors = {
         n: r["statuses"] for n, r in summary.items() if set(r.get("statuses", {200: 0})) != {200}

@@ -87,8 +87,10 @@ def evaluate(params: Params, methods: dict[str, Method]) -> tuple[dict, dict]:
     pairs = evaluation_pairs(params)
     results: dict[str, dict[str, dict[str, float]]] = {name: {} for name in methods}
     examples: dict[str, list[np.ndarray]] = {"input": [], "truth": [], **{name: [] for name in methods}}
+    fid_status = {"available": False, "reason": "no method evaluated"}
     for b, (images, known) in pairs.items():
         label = bin_label(b)
+        example = b * len(images) // len(pairs)  # a different test crop in each row of the grid
         for name, method in methods.items():
             start = time.perf_counter()
             completed = method(images, known)
@@ -97,12 +99,13 @@ def evaluate(params: Params, methods: dict[str, Method]) -> tuple[dict, dict]:
             fake = torch.from_numpy(completed).permute(0, 3, 1, 2).float() / 255
             fid_result = fid(fake, real)
             scores["fid"] = fid_result.value if fid_result.available else None
+            fid_status = {"available": fid_result.available, "reason": fid_result.reason}
             results[name][label] = scores
-            examples[name].append(completed[0])
+            examples[name].append(completed[example])
             log.info("%-9s %s %s (%.1fs)", name, label, _fmt(scores), time.perf_counter() - start)
-        examples["input"].append(np.where(known[0, ..., None] == 1, images[0], 128).astype(np.uint8))
-        examples["truth"].append(images[0])
-    results["_fid"] = {"available": fid_result.available, "reason": fid_result.reason}  # type: ignore[assignment]
+        examples["input"].append(np.where(known[example, ..., None] == 1, images[example], 128).astype(np.uint8))
+        examples["truth"].append(images[example])
+    results["_fid"] = fid_status  # type: ignore[assignment]
     return results, examples
 
 
@@ -147,8 +150,13 @@ def write_reports(results: dict, examples: dict, out_dir: Path, band_width: int)
     fig.savefig(out_dir / "eval_metrics.png", dpi=110)
     plt.close(fig)
 
+    comparison_grid(examples, [*methods]).save(out_dir / "eval_grid.png")
+
+
+def comparison_grid(examples: dict[str, list[np.ndarray]], methods: list[str]) -> Image.Image:
+    """One row per example: input with hole | each method | ground truth, labelled columns."""
     columns = ["input", *methods, "truth"]
-    rows = [np.concatenate([examples[c][r] for c in columns], axis=1) for r in range(len(labels))]
+    rows = [np.concatenate([examples[c][r] for c in columns], axis=1) for r in range(len(examples["truth"]))]
     grid = Image.fromarray(np.concatenate(rows, axis=0))
     side = examples["truth"][0].shape[0]
     scale = max(1, 128 // side)
@@ -160,7 +168,7 @@ def write_reports(results: dict, examples: dict, out_dir: Path, band_width: int)
     canvas = Image.new("RGB", (grid.width, grid.height + 18), "white")
     canvas.paste(header, (0, 0))
     canvas.paste(grid, (0, 18))
-    canvas.save(out_dir / "eval_grid.png")
+    return canvas
 
 
 def print_table(results: dict) -> None:

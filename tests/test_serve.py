@@ -176,6 +176,7 @@ def test_health_model_page_and_docs(server: Server, client: httpx.Client) -> Non
     assert info["parameters"] == build_model("small").num_parameters()
     assert info["batching"]["enabled"] is True and info["batching"]["max_batch_size"] == 4
     assert info["limits"] == {"max_pixels": MAX_PIXELS, "max_upload_bytes": MAX_UPLOAD}
+    assert info["device"] == "cpu" and info["forward_pixels"] == 65536  # the CPU default
     assert httpx.get(server.nobatch_url + "/model").json()["batching"]["enabled"] is False
 
     page = client.get("/")
@@ -370,6 +371,11 @@ def _bad_requests() -> list[tuple[str, int, dict]]:
             {"content": b"{'image':", "headers": {"content-type": "application/json"}},
         ),
         ("JSON not an object", 422, {"json": [1, 2]}),
+        (
+            "JSON nested 200k deep",
+            400,
+            {"content": b"[" * 200_000, "headers": {"content-type": "application/json"}},
+        ),
         ("JSON bad base64", 422, {"json": {"image": "!!!not base64!!!", "mask": "AAAA"}}),
         ("JSON missing mask", 422, {"json": {"image": base64.b64encode(image).decode()}}),
         ("JSON image not a string", 422, {"json": {"image": 12, "mask": 3}}),
@@ -539,6 +545,7 @@ def test_shipped_config_yaml_is_valid() -> None:
         ({"max_pixels": 0}, "max_pixels"),
         ({"max_batch_size": 64, "max_ongoing_requests": 8}, "max_ongoing_requests"),
         ({"dtype": "int8"}, "dtype"),
+        ({"forward_pixels": 0}, "forward_pixels"),
     ],
 )
 def test_settings_are_validated(args: dict, message: str) -> None:
