@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import sys
 import tempfile
 import time
 import warnings
@@ -87,10 +86,6 @@ class ServeSettings:
     warmup: bool = True  # one inference at start-up so the first request is not slow
     torch_threads: int | None = None  # None = what Ray gives the replica (its num_cpus)
     access_log: bool = True  # Serve's per-request log line (costs a little per request)
-    # Python's GIL hand-over interval in the replica. The model thread releases the GIL in
-    # every torch op and must win it back from the threads serving HTTP; at Python's default
-    # (5 ms) a small model spends much of its time waiting for it. None = Python's default.
-    switch_interval_s: float | None = 0.001
     # Replica placement and scaling.
     num_replicas: int = 1  # ignored when autoscaling_config is set
     num_cpus: float = 1.0
@@ -462,11 +457,8 @@ def decode_job(fields: _Fields, max_pixels: int) -> _Job:
             f"mask size {mask.size[0]}×{mask.size[1]} differs from image size "
             f"{image.size[0]}×{image.size[1]} (after EXIF rotation); send a mask of the same size",
         )
-    if mask.mode == "RGBA" or mask.mode == "RGB":
-        mask_array = np.asarray(mask)
-    else:
-        mask_array = np.asarray(mask.convert("L"))
-    known = mask_from_image(mask_array, fields.mask_convention)
+    # decode_image leaves only L, RGB and RGBA, all of which mask_from_image reads.
+    known = mask_from_image(np.asarray(mask), fields.mask_convention)
     return _Job(image=image, hole=known == 0, strategy=fields.strategy)
 
 
@@ -615,8 +607,6 @@ class InpaintDeployment:
         s = self.settings
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
-        if s.switch_interval_s:
-            sys.setswitchinterval(s.switch_interval_s)
         # Belt and braces with the header check in decode_image: Pillow itself refuses images
         # far above the limit. Its warning zone is covered by our stricter explicit check.
         Image.MAX_IMAGE_PIXELS = s.max_pixels

@@ -87,14 +87,8 @@ class Repo:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
-    if os.environ.get("DEVREUSE"):  # DEVHACK
-        r = Repo(Path(os.environ["DEVREUSE"]), f"sqlite:///{os.environ['DEVREUSE']}/mlflow.db")  # DEVHACK
-        return r  # DEVHACK
     root = tmp_path_factory.mktemp("dvc-repo")
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    _t = (root / "dvc.yaml").read_text()  # TEMPORARY-PATCH
-    _t = _t.replace("y: [loss_total, loss_structure]", "y: loss_total").replace("y: [dfnet_bpe, telea_bpe, ns_bpe, dfnet_l1, telea_l1, ns_l1]", "y: dfnet_bpe")  # TEMPORARY-PATCH
-    (root / "dvc.yaml").write_text(_t)  # TEMPORARY-PATCH
     for package in ("pipelines", "dfnet"):
         shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     scratch = Repo(root, f"sqlite:///{root / 'mlflow.db'}")
@@ -109,8 +103,6 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
 
 @pytest.fixture(scope="module")
 def first_repro(repo: Repo) -> tuple[list[str], list[str], str]:
-    if os.environ.get("DEVREUSE"):  # DEVHACK
-        return list(STAGES), [], ""  # DEVHACK
     return repo.repro()
 
 
@@ -224,6 +216,9 @@ def test_mlflow_artifacts_are_kept_beside_the_tracking_store(repo, first_repro):
     registration = json.loads((repo.root / "metrics/register.json").read_text())
     version = client.get_model_version(registration["name"], registration["version"])
     run = client.get_run(version.run_id)
-    artifacts = Path(urlparse(run.info.artifact_uri).path)
-    assert artifacts.is_relative_to(repo.root), run.info.artifact_uri
-    assert any(artifacts.rglob("model.safetensors")), list(artifacts.rglob("*"))
+    experiment = client.get_experiment(run.info.experiment_id)
+    for uri in (experiment.artifact_location, run.info.artifact_uri):
+        assert Path(urlparse(uri).path).is_relative_to(repo.root), uri
+    root = Path(urlparse(experiment.artifact_location).path)
+    assert any(root.rglob("model.safetensors")), list(root.rglob("*"))
+    assert any(root.rglob("samples/*.png"))  # the training run's sample grids

@@ -547,6 +547,7 @@ def _local_copy(uri: str, tmp: Path) -> Path:
 
     fs, path = filesystem_for(uri)
     target = tmp / Path(path).name
+    target.mkdir(parents=True, exist_ok=True)  # the local filesystem does not create parents
     pafs.copy_files(
         path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
     )
