@@ -253,7 +253,15 @@ def build_trainer(
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu),
+        scaling_config=ScalingConfig(
+            num_workers=train.num_workers,
+            use_gpu=train.use_gpu,
+            # CPU workers never reserve every CPU: Ray Data's read tasks need one too, and
+            # without it the run waits forever (e.g. 2 workers on a 2-CPU machine).
+            resources_per_worker=None
+            if train.use_gpu
+            else {"CPU": min(1.0, max(cpus - 1, 0) / train.num_workers)},
+        ),
         run_config=RunConfig(
             name=config["name"],
             storage_path=_absolute_storage(train.storage_path),

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -284,6 +285,7 @@ def ray_head() -> Iterator[RayHead]:
     finally:
         _stop_head(head, temp_dir)
         log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:

@@ -379,7 +379,9 @@ def ensure_experiment(client: Any, name: str, tracking_uri: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-def parent_run(client: Any, experiment_id: str, name: str, experiment_path: str, info: dict) -> str:
+def parent_run(
+    client: Any, experiment_id: str, name: str, experiment_path: str, info: dict, fresh: bool
+) -> str:
     """The search's parent run: the existing one for this experiment path (resume), else new."""
     found = client.search_runs(
         [experiment_id],
@@ -389,6 +391,9 @@ def parent_run(client: Any, experiment_id: str, name: str, experiment_path: str,
         max_results=1,
         order_by=["attributes.start_time DESC"],
     )
+    if found and fresh:  # keep the old run, but never resume into it
+        client.set_tag(found[0].info.run_id, TAG_EXPERIMENT, f"{experiment_path} (replaced)")
+        found = []
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
@@ -643,6 +648,11 @@ def register_best(
 # --------------------------------------------------------------------------- main
 
 
+def _delete_dir(fs: pafs.FileSystem, path: str) -> None:
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
 def _parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
     overrides: dict[str, dict[str, Any]] = {}
     for item in items:
@@ -689,6 +699,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)"
     )
     parser.add_argument("--no-register", action="store_true", help="skip the registry step")
+    parser.add_argument(
+        "--fresh", action="store_true", help="discard an earlier search of this name, start over"
+    )
     return parser.parse_args(argv)
 
 
@@ -771,7 +784,11 @@ def main(argv: list[str] | None = None) -> int:
         "experiment_path": experiment_uri,
         **{f"base.{s}.{k}": v for s, values in overrides.items() for k, v in values.items()},
     }
-    parent_id = parent_run(client, experiment_id, name, experiment_uri, info)
+    fs, fs_path = filesystem_for(storage) if "://" in storage else (None, storage)
+    experiment_path = _join(fs_path, name)
+    if args.fresh:
+        _delete_dir(fs or pafs.LocalFileSystem(), experiment_path)
+    parent_id = parent_run(client, experiment_id, name, experiment_uri, info, args.fresh)
     log.info(
         "search %s: %s, MLflow %s (parent run %s)", name, experiment_uri, tracking_uri, parent_id
     )
@@ -792,8 +809,6 @@ def main(argv: list[str] | None = None) -> int:
         tune.with_parameters(run_trial, base=base, context=context),
         {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY},
     )
-    fs, fs_path = filesystem_for(storage) if "://" in storage else (None, storage)
-    experiment_path = _join(fs_path, name)
     if tune.Tuner.can_restore(experiment_path, storage_filesystem=fs):
         log.info("restoring %s: finished trials are kept, unfinished ones continue", experiment_uri)
         tuner = tune.Tuner.restore(
@@ -850,6 +865,8 @@ def main(argv: list[str] | None = None) -> int:
             log.info("this search already registered version %s", already)
         else:
             outcome = register_best(client, best, base, context)
+            if best.status == "stopped":  # registering reopened (and so finished) the trial's run
+                client.set_terminated(best.run_id, status="KILLED")
             client.set_tag(parent_id, TAG_REGISTERED, outcome["version"])
             client.log_metric(parent_id, f"best_test_{outcome['metric']}", outcome["value"])
     client.set_terminated(parent_id, status="FINISHED")
