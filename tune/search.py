@@ -48,6 +48,7 @@ import json
 import logging
 import math
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -648,6 +649,26 @@ def register_best(
 # --------------------------------------------------------------------------- main
 
 
+def _start_local_ray() -> None:
+    """Start a local Ray whose workers can import the project and find this cluster's API.
+
+    Workers inherit this process's environment. PYTHONPATH: the trial function lives in
+    `tune.search`. RAY_API_SERVER_ADDRESS: Ray Train's placement-group cleaner (which frees the
+    Train workers' CPUs when Tune stops a trial early) looks the cluster up through it, and
+    without it guesses, which fails when another Ray runs on the same machine.
+    """
+    import ray
+
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
+
+
 def _delete_dir(fs: pafs.FileSystem, path: str) -> None:
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
         fs.delete_dir(path)
@@ -753,11 +774,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if not ray.is_initialized():
         if args.address is None and "RAY_ADDRESS" not in os.environ:
-            # A local Ray starts its workers from this environment: let them import the project.
-            os.environ["PYTHONPATH"] = os.pathsep.join(
-                p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p
-            )
-        ray.init(address=args.address)
+            _start_local_ray()
+        else:
+            ray.init(address=args.address)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     if max_concurrent * params.train.num_workers >= cpus:
         log.warning(
@@ -834,6 +853,9 @@ def main(argv: list[str] | None = None) -> int:
                     max_t=params.train.epochs,
                     grace_period=int(spec["asha"].get("grace_period", 1)),
                     reduction_factor=float(spec["asha"].get("reduction_factor", 2)),
+                    # A trial that reached the last epoch ends by itself, so its Train run
+                    # shuts down cleanly instead of being killed at its final report.
+                    stop_last_trials=False,
                 ),
                 num_samples=num_samples,
                 max_concurrent_trials=max_concurrent,
