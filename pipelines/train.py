@@ -46,7 +46,9 @@ LOG_EVERY = 10  # steps between progress lines / MLflow step metrics
 def run_name(params: Params) -> str:
     """`<run_name>-<hash of what determines the training>`: same params → same (resumable) run."""
     relevant = {k: params.to_dict()[k] for k in ("data", "masks", "model", "loss", "train")}
-    for volatile in ("resume", "max_failures", "num_workers", "use_gpu", "storage_path", "out_dir"):
+    # Not part of the identity: how and where it runs, and how long (raising `epochs` extends
+    # the same run from its last checkpoint; the schedule depends on the epoch, not the total).
+    for volatile in ("epochs", "resume", "max_failures", "num_workers", "use_gpu", "storage_path", "out_dir"):
         relevant["train"].pop(volatile)
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
     return f"{params.train.run_name}-{digest}"

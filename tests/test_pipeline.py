@@ -89,8 +89,6 @@ class Repo:
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
     root = tmp_path_factory.mktemp("dvc-repo")
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    import subprocess as _sp  # TEMPORARY-PATCH
-    _sp.run(["cp", "/tmp/tt/dvcfix/dvc.yaml", str(root / "dvc.yaml")], check=True)  # TEMPORARY-PATCH
     for package in ("pipelines", "dfnet"):
         shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     scratch = Repo(root, f"sqlite:///{root / 'mlflow.db'}")

@@ -27,7 +27,7 @@ from PIL import Image
 from dfnet.data import split_of
 from dfnet.losses import DFNetLoss
 from dfnet.model import DFNet, read_model_config
-from dfnet.params import Params, load_params
+from dfnet.params import Params, load_params, parse_params
 from pipelines.make_masks import make_masks
 from pipelines.prepare import prepare
 from pipelines.train import (
@@ -69,6 +69,14 @@ def tiny_params(root: Path, **sections: dict[str, Any]) -> Params:
     for section, values in sections.items():
         overrides.setdefault(section, {}).update(values)
     return load_params(REPO / "params.yaml", overrides)
+
+
+def load_params_with(params: Params, **sections: dict[str, Any]) -> Params:
+    """A copy of `params` with some fields changed."""
+    raw = params.to_dict()
+    for section, values in sections.items():
+        raw[section].update(values)
+    return parse_params(raw)
 
 
 def split_history(history: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
@@ -201,6 +209,17 @@ def test_rerun_with_same_params_resumes_instead_of_retraining(first_run):
     assert mlflow_run(params).info.run_id == state["mlflow_run_id"]
 
 
+def test_more_epochs_extend_the_run_from_its_checkpoint(first_run):
+    params, first = first_run
+    state, history = load_checkpoint_state(first.checkpoint)
+    longer = load_params_with(params, train={"epochs": params.train.epochs + 1})
+    assert run_name(longer) == run_name(params)
+    extended_state, extended_history = load_checkpoint_state(build_trainer(longer).fit().checkpoint)
+    assert extended_state["step"] == state["step"] + params.train.steps_per_epoch
+    assert extended_history[: len(history)] == history  # the first epochs were not retrained
+    assert min(h["step"] for h in extended_history[len(history) :]) > state["step"]
+
+
 def test_run_name_tracks_what_determines_training(tmp_path):
     base = tiny_params(tmp_path)
     name = run_name(base)
@@ -213,6 +232,7 @@ def test_run_name_tracks_what_determines_training(tmp_path):
         "storage_path": "s3://bucket/x",
         "out_dir": "elsewhere",
         "use_gpu": True,
+        "epochs": 3,  # more epochs extend the same run
     }.items():
         assert run_name(tiny_params(tmp_path, train={key: value})) == name, key
     # ...while what is trained, on what, and how, does.

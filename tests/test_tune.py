@@ -352,6 +352,9 @@ def test_smoke_search_as_a_ray_job_resumes_and_registers(ray_head: RayHead, tmp_
             "MLFLOW_TRACKING_URI": f"sqlite:///{db}",
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "RAY_USAGE_STATS_ENABLED": "0",
+            # Ray Train's placement-group cleaner finds the cluster through this; without it, it
+            # guesses, and fails while other Rays run on this machine (e.g. other tests').
+            "RAY_API_SERVER_ADDRESS": ray_head.url,
         },
     }
     entrypoint = ["--", "python", "tune/search.py", "--smoke", "--name", name,
