@@ -334,8 +334,31 @@ def _trial_footprint(experiment: Path, trial_id: str) -> dict:
     }
 
 
+@pytest.fixture(scope="module")
+def tiny_project(tmp_path_factory: pytest.TempPathFactory, ray_local) -> Path:
+    """A project root with its own params.yaml and tiny prepared data + masks (the repository's
+    data/ may be rebuilt by a concurrent `dvc repro`)."""
+    import yaml
+
+    from dfnet.params import DataParams, MaskParams
+    from pipelines.make_masks import make_masks
+    from pipelines.prepare import prepare
+
+    root = tmp_path_factory.mktemp("project")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["data"].update(crops_per_image=8, out_dir=str(root / "data" / "prepared"))
+    raw["masks"].update(pool_size=50, eval_per_bin=2, out=str(root / "data" / "masks.npz"))
+    params = load_params(REPO / "params.yaml", {k: raw[k] for k in ("data", "masks")})
+    prepare(DataParams(**vars(params.data)))
+    make_masks(MaskParams(**vars(params.masks)), params.data.image_size)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    return root
+
+
 @pytest.mark.slow
-def test_smoke_search_as_a_ray_job_resumes_and_registers(ray_head: RayHead, tmp_path: Path) -> None:
+def test_smoke_search_as_a_ray_job_resumes_and_registers(
+    tiny_project: Path, ray_head: RayHead, tmp_path: Path
+) -> None:
     """`ray job submit ... -- python tune/search.py --smoke`; stop it after one trial finished;
     submit it again: the finished trial is not rerun, the search completes, MLflow has a parent
     run with one child per trial and the registry `dfnet@champion`. (~3-5 min on 2 busy cores.)"""
@@ -357,8 +380,10 @@ def test_smoke_search_as_a_ray_job_resumes_and_registers(ray_head: RayHead, tmp_
             "RAY_API_SERVER_ADDRESS": ray_head.url,
         },
     }
+    # The job runs in an uploaded copy of the repository: --root points it at the project's
+    # params.yaml and data (here a tiny one), like `--root "$PWD"` in the README.
     entrypoint = ["--", "python", "tune/search.py", "--smoke", "--name", name,
-                  "--root", str(REPO), "--storage", str(storage)]  # fmt: skip
+                  "--root", str(tiny_project), "--storage", str(storage)]  # fmt: skip
 
     def submit(*options: str) -> list[str]:
         return [str(BIN / "ray"), "job", "submit", "--address", ray_head.url,

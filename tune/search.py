@@ -470,13 +470,19 @@ def summarize(results: Any, epochs: int, best_root: str) -> list[TrialSummary]:
 
 
 def write_summary(
-    rows: list[TrialSummary], space_keys: list[str], out_dir: Path
+    rows: list[TrialSummary],
+    space_keys: list[str],
+    out_dir: Path,
+    space: Mapping[str, Any] | None = None,
 ) -> tuple[Path, Path]:
-    """tune_summary.csv (one row per trial) and tune_summary.png (score vs each hyperparameter)."""
+    """tune_summary.csv (one row per trial) and tune_summary.png (score vs each hyperparameter,
+    over the hyperparameter's whole search range when `space`, Tune's param_space, is given)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullFormatter
 
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "tune_summary.csv"
@@ -509,16 +515,25 @@ def write_summary(
             ax.set_xticks(range(len(labels)), labels, rotation=45)
         else:
             xs = [float(v) for v in values]
-            ax.set_xscale("log")
+            domain = (space or {}).get(key)
+            if domain is None or "Log" in type(getattr(domain, "sampler", None)).__name__:
+                ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())  # crowded on narrow ranges
+            if hasattr(domain, "lower"):
+                ax.set_xlim(domain.lower, domain.upper)
         ax.scatter(xs, scores, c=[colors.get(r.status, "gray") for r in scored])
         if scored:
-            ax.scatter(
-                xs[:1], scores[:1], s=160, facecolors="none", edgecolors="black", label="best"
-            )
+            ax.scatter(xs[:1], scores[:1], s=160, facecolors="none", edgecolors="black")
         ax.set(xlabel=key, title=key)
     axes[0].set_ylabel(f"best {METRIC} (val ℓ1 + BPE, %)")
+    statuses = sorted({r.status for r in scored})
+    handles = [
+        Line2D([], [], marker="o", ls="", color=colors.get(status, "gray"), label=status)
+        for status in statuses
+    ]
+    handles.append(Line2D([], [], marker="o", ls="", mfc="none", mec="black", ms=12, label="best"))
     if scored:
-        axes[0].legend()
+        axes[-1].legend(handles=handles, fontsize="small")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
@@ -666,7 +681,10 @@ def _start_local_ray() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
+    # "local": a new instance, never a `ray start` cluster that happens to run on this machine.
+    ray.init(
+        address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port
+    )
 
 
 def _delete_dir(fs: pafs.FileSystem, path: str) -> None:
@@ -869,7 +887,7 @@ def main(argv: list[str] | None = None) -> int:
     finalize_children(client, experiment_id, parent_id, rows, context.best_root)
     table = format_table(rows, space_keys)
     with tempfile.TemporaryDirectory() as tmp:
-        for path in write_summary(rows, space_keys, Path(tmp)):
+        for path in write_summary(rows, space_keys, Path(tmp), space):
             client.log_artifact(parent_id, str(path))
             if "://" not in storage:  # also beside the experiment, for a look without MLflow
                 Path(experiment_uri, path.name).write_bytes(path.read_bytes())
