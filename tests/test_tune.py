@@ -296,7 +296,7 @@ def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
     if head.poll() is None:
         head.send_signal(signal.SIGTERM)
         try:
-            head.wait(timeout=60)
+            head.wait(timeout=20)
         except subprocess.TimeoutExpired:
             head.kill()
     time.sleep(2)

@@ -5,13 +5,24 @@
                           [--set section.key=value ...]
 
 As a Ray job (the working dir is uploaded, so `--root` points the job at the DVC stages' data,
-the runs folder and the MLflow database of the checkout it was submitted from):
+the runs folder and the MLflow database of the checkout it was submitted from), run from the
+project's virtualenv (the job's `python` is the one on the PATH `ray start` saw):
 
+    export RAY_AUTH_MODE=token
+    export RAY_AUTH_TOKEN=$(python -c 'import secrets; print(secrets.token_hex(32))')
     ray start --head --port=6379 --dashboard-host=127.0.0.1 --include-dashboard=true
     ray job submit --address http://127.0.0.1:8265 --working-dir . \\
-        --runtime-env-json '{"excludes": [".venv", "data", "runs", "mlruns", "models", ".git"]}' \\
+        --runtime-env-json '{"excludes": [".venv", ".git", "data", "runs", "mlruns", "*.db"]}' \\
         -- python tune/search.py --smoke --root "$PWD"
     ray stop
+
+Token authentication (Ray >= 2.59): `ray start` turns it on when a token exists (RAY_AUTH_TOKEN,
+RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, which any earlier `ray.init()` creates), and the `ray
+job` CLI only sends the token when RAY_AUTH_MODE=token is set in its environment; the job and its
+workers inherit both variables from `ray start`. On a trusted loopback-only machine,
+RAY_AUTH_MODE=disabled for every command turns it off instead. The MLflow database is
+`<root>/mlflow.db` (or MLFLOW_TRACKING_URI, e.g. passed in the runtime env's `env_vars`), so the
+job and the user's shell see the same runs.
 
 Design (kept thin: the model, losses, data, training loop and registry come from `dfnet/` and
 `pipelines/`):
@@ -376,7 +387,8 @@ def ensure_experiment(client: Any, name: str, tracking_uri: str) -> str:
         return experiment.experiment_id
     location = None
     if tracking_uri.startswith("sqlite:///"):
-        location = (Path(tracking_uri[len("sqlite:///") :]).parent / "mlruns").as_uri()
+        # The same folder as pipelines/train.py's choice, whichever creates the experiment.
+        location = (Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
     return client.create_experiment(name, artifact_location=location)
 
 
