@@ -41,6 +41,28 @@ class DFNetPyfunc(mlflow.pyfunc.PythonModel):
         return np.stack([np.asarray(o) for o in out])
 
 
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """The experiment's id, creating it with a SQLite store's artifacts beside the database file.
+
+    Created by a Ray worker instead, its artifact root would be relative to the worker's working
+    directory, a temporary Ray session folder.
+    """
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        location = (Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created meanwhile by a concurrent trial
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
 @dataclass
 class Registration:
     name: str

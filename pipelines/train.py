@@ -251,7 +251,9 @@ def build_trainer(
         **(extra_config or {}),
     }
     if config["tracking_uri"]:
-        _ensure_experiment(config["tracking_uri"], params.mlflow.experiment)
+        from pipelines.registry import ensure_experiment
+
+        ensure_experiment(config["tracking_uri"], params.mlflow.experiment)
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -273,25 +275,6 @@ def build_trainer(
         datasets={"train": train_ds, "val": val_ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-
-
-def _ensure_experiment(tracking_uri: str, name: str) -> None:
-    """Create the MLflow experiment here, with a SQLite store's artifacts beside its file: made
-    by a worker, its artifact root would be relative to the worker's working directory, which
-    Ray Train sets to a temporary session folder."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient(tracking_uri)
-    if client.get_experiment_by_name(name) is None:
-        location = None
-        if tracking_uri.startswith("sqlite:///"):
-            location = (Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
-        try:
-            client.create_experiment(name, artifact_location=location)
-        except MlflowException:  # created meanwhile by a concurrent trial
-            if client.get_experiment_by_name(name) is None:
-                raise
 
 
 def _absolute_storage(path: str) -> str:

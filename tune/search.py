@@ -380,18 +380,6 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], context: SearchConte
 # --------------------------------------------------------------------------- MLflow
 
 
-def ensure_experiment(client: Any, name: str, tracking_uri: str) -> str:
-    """The experiment's id; created with artifacts beside a SQLite database, not in the cwd."""
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None
-    if tracking_uri.startswith("sqlite:///"):
-        # The same folder as pipelines/train.py's choice, whichever creates the experiment.
-        location = (Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=location)
-
-
 def parent_run(
     client: Any, experiment_id: str, name: str, experiment_path: str, info: dict, fresh: bool
 ) -> str:
@@ -819,7 +807,9 @@ def main(argv: list[str] | None = None) -> int:
     tracking_uri = params.mlflow.resolved_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient()
-    experiment_id = ensure_experiment(client, params.mlflow.experiment, tracking_uri)
+    from pipelines.registry import ensure_experiment
+
+    experiment_id = ensure_experiment(tracking_uri, params.mlflow.experiment)
     info = {
         "metric": f"{METRIC} ({MODE}) = val_l1 + val_bpe",
         "space": json.dumps({k: str(v) for k, v in space.items()}),
