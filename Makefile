@@ -17,11 +17,11 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: setup repro test lint bench chromium
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[ray,test]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[ray,test]"
 	touch $@
 
 setup: $(VENV)/.installed
