@@ -22,7 +22,7 @@ from dfnet.model import (
     official_to_dfnet_key,
 )
 
-KEY_TABLE = Path(__file__).resolve().parents[2] / "shared" / "docs" / "official-checkpoint-keys.tsv"
+KEY_TABLE = Path(__file__).resolve().parents[1] / "docs" / "official-checkpoint-keys.tsv"
 
 
 def official_key_table() -> list[tuple[str, tuple[int, ...]]]:
@@ -47,12 +47,6 @@ def random_official_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
         else:
             state[key] = torch.randn(shape, generator=g) * 0.1
     return state
-
-
-@pytest.fixture(scope="module")
-def key_table_available() -> None:
-    if not KEY_TABLE.is_file():
-        pytest.skip(f"{KEY_TABLE} not present (shared/ docs sit beside the checkout)")
 
 
 def test_official_parameter_count() -> None:
@@ -167,7 +161,7 @@ def test_config_rejects_bad_values() -> None:
 
 
 # ------------------------------------------------------------------ official checkpoints
-def test_every_official_key_maps_to_a_tensor_of_the_same_shape(key_table_available: None) -> None:
+def test_every_official_key_maps_to_a_tensor_of_the_same_shape() -> None:
     ours = build_model("official").state_dict()
     table = official_key_table()
     assert len(table) == len(ours)
@@ -177,7 +171,7 @@ def test_every_official_key_maps_to_a_tensor_of_the_same_shape(key_table_availab
         assert tuple(ours[mapped].shape) == shape, key
 
 
-def test_import_round_trip_gives_the_release_output_on_rgb(tmp_path: Path, key_table_available: None) -> None:
+def test_import_round_trip_gives_the_release_output_on_rgb(tmp_path: Path) -> None:
     """The release ran on BGR pixels; after import our RGB API must give the same completion."""
     state = random_official_state_dict()
     checkpoint = tmp_path / "model_places2.pth"
@@ -203,7 +197,7 @@ def test_import_round_trip_gives_the_release_output_on_rgb(tmp_path: Path, key_t
     torch.testing.assert_close(imported.state_dict()["encoder.3.conv.weight"], state["en_3.encode.0.conv.1.weight"])
 
 
-def test_import_reports_wrong_shape_and_missing_key(key_table_available: None) -> None:
+def test_import_reports_wrong_shape_and_missing_key() -> None:
     state = random_official_state_dict()
     state["de_2.decode.0.conv.weight"] = torch.zeros(128, 380, 3, 3)
     del state["fuse_4.blend.blend.4.running_var"]
