@@ -1,10 +1,10 @@
-"""Training data: sample photos, decoding, crops, deterministic splits, Parquet shards, masks.
+"""Training data: sample photos, decoding, training crops, deterministic splits, Parquet shards, masks.
 
 Everything here is plain numpy/Pillow/pyarrow so it can be used (and tested) without Ray;
 ``pipelines/prepare.py`` runs these functions inside Ray Data tasks.
 
-Splits are decided per *source photo*, never per crop: every crop of one photo carries the
-photo's split, so a validation or test crop never comes from a photo that training saw.
+Splits are decided per *source photo*: the prepared data hold whole photos, crops are drawn
+from training photos only, and validation and test score other photos whole.
 """
 
 from __future__ import annotations
@@ -28,20 +28,20 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "PARQUET_SCHEMA",
     "SPLITS",
-    "MaskSampler",
-    "center_crop_resize",
-    "crop_rng",
     "decode_image",
     "decode_png_batch",
+    "encode_jpeg",
     "encode_png",
     "filesystem_for",
     "quota_splits",
-    "random_crops",
+    "resize_short_side",
     "read_split",
     "sample_photo_paths",
     "sample_photos",
     "split_of",
     "stable_hash",
+    "train_crop",
+    "training_mask",
     "try_decode_image",
 ]
 
@@ -52,8 +52,8 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
     "png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff", "webp", "ppm", "pgm",
 )  # fmt: skip
 
-#: One row per crop. ``key`` = ``"{source}#{crop index:05d}"`` (unique); ``source`` = the key of
-#: the photo the crop came from (its path relative to the source root); ``image`` = PNG bytes.
+#: One row per photo. ``key`` = ``source`` = the photo's key (its path relative to the source
+#: root); ``image`` = JPEG bytes of the photo scaled to the stored short side.
 PARQUET_SCHEMA: pa.Schema = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False),
@@ -194,6 +194,14 @@ def encode_png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def encode_jpeg(array: np.ndarray, quality: int = 95) -> bytes:
+    """JPEG bytes of an ``HxWx3`` uint8 array: how prepared photos are stored (a twentieth of a
+    PNG's size at quality 95, and the source photos are JPEGs already)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
 def decode_png_batch(blobs: Sequence[bytes]) -> np.ndarray:
     """Decode a batch of same-sized encoded images to ``(N, H, W, 3)`` uint8."""
     arrays = []
@@ -218,63 +226,45 @@ def stable_hash(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
 
 
-def crop_rng(seed: int, key: str) -> np.random.Generator:
-    """The generator for the crops of photo ``key``: depends only on (seed, key)."""
-    return np.random.default_rng([int(seed), stable_hash(key)])
+def resize_short_side(image: np.ndarray, side: int, upscale: bool = True) -> np.ndarray:
+    """``image`` (HxWx3 uint8) scaled so its short side is ``side``, aspect kept (antialiased).
 
-
-def _square_resize(
-    image: Image.Image, box: tuple[float, float, float, float], size: int
-) -> np.ndarray:
-    # Pillow's resize with a box resamples straight from the source region, with proper
-    # antialiasing when shrinking: one filter pass instead of resize-then-crop.
-    out = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
-    return np.asarray(out, dtype=np.uint8).copy()
-
-
-def random_crops(
-    image: np.ndarray,
-    size: int,
-    count: int,
-    rng: np.random.Generator,
-    min_fraction: float = 0.5,
-) -> list[np.ndarray]:
-    """``count`` random square crops of ``image`` (HxWx3 uint8), resized to ``size`` x ``size``.
-
-    Each crop is a square window whose side is a uniform random fraction in
-    ``[min_fraction, 1]`` of the photo's short side, placed uniformly at random, then resampled
-    to ``size``. This is the same as resizing the short side to a random length in
-    ``[size, size / min_fraction]`` (``[size, 2 * size]`` by default) and cutting a
-    ``size`` crop: every crop sees between half and all of the photo's height (or width), so
-    small training crops still show whole objects rather than flat patches. Photos smaller than
-    ``size`` are upscaled.
+    With ``upscale=False`` photos already smaller than ``side`` are returned unchanged.
     """
-    if size < 1 or count < 0:
-        raise ValueError("size must be >= 1 and count >= 0")
-    if not 0.0 < min_fraction <= 1.0:
-        raise ValueError("min_fraction must be in (0, 1]")
+    if side < 1:
+        raise ValueError("side must be >= 1")
     height, width = image.shape[:2]
     short = min(height, width)
+    if short == side or (short < side and not upscale):
+        return image
+    scale = side / short
+    size = (max(side, round(width * scale)), max(side, round(height * scale)))  # (W, H) for Pillow
     pil = Image.fromarray(np.ascontiguousarray(image))
-    crops = []
-    for _ in range(count):
-        side = short * float(rng.uniform(min_fraction, 1.0))
-        left = float(rng.uniform(0.0, width - side))
-        top = float(rng.uniform(0.0, height - side))
-        crops.append(_square_resize(pil, (left, top, left + side, top + side), size))
-    return crops
+    return np.asarray(pil.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0), dtype=np.uint8).copy()
 
 
-def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
-    """The largest centred square of ``image`` resized to ``size`` x ``size`` (HxWx3 uint8)."""
-    if size < 1:
-        raise ValueError("size must be >= 1")
+def train_crop(
+    image: np.ndarray, size: int, rng: np.random.Generator, max_zoom_out: float = 2.0
+) -> np.ndarray:
+    """A fresh training crop: random scale, position and horizontal flip, resampled to ``size``².
+
+    The window is ``size * z`` stored pixels wide with ``z`` uniform in ``[1, max_zoom_out]``
+    (capped by the photo's short side), so training sees content at the scales inference sees
+    it: photos are stored at 512 px and completed whole at 256-512 px on the short side.
+    """
+    if size < 1 or max_zoom_out < 1.0:
+        raise ValueError("need size >= 1 and max_zoom_out >= 1")
     height, width = image.shape[:2]
     short = min(height, width)
-    left = (width - short) / 2.0
-    top = (height - short) / 2.0
+    side = min(short, size * float(rng.uniform(1.0, max_zoom_out))) if short >= size else short
+    left = float(rng.uniform(0.0, width - side))
+    top = float(rng.uniform(0.0, height - side))
     pil = Image.fromarray(np.ascontiguousarray(image))
-    return _square_resize(pil, (left, top, left + short, top + short), size)
+    # Pillow's resize with a box resamples straight from the source window (antialiased).
+    crop = pil.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+    if rng.random() < 0.5:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(crop, dtype=np.uint8).copy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,32 +392,15 @@ def read_split(root: str, split: str, filesystem: pafs.FileSystem | None = None)
 # Masks at training time
 
 
-class MaskSampler:
-    """Draws training masks from a fixed pool with the paper's random affine augmentation."""
-
-    def __init__(self, pool: np.ndarray, seed: int, max_tries: int = 5) -> None:
-        pool = np.asarray(pool)
-        if pool.ndim != 3 or pool.shape[0] == 0:
-            raise ValueError(f"expected a (count, H, W) mask pool, got shape {pool.shape}")
-        self.pool = pool
-        self.rng = np.random.default_rng(seed)
-        self.max_tries = max_tries
-
-    def _one(self, index: int) -> np.ndarray:
-        base = self.pool[index]
-        has_hole = bool(np.any(base < 0.5))
-        for _ in range(self.max_tries):
-            mask = random_affine(base, self.rng)
-            # The warp can push a small hole out of the frame; a hole-free mask teaches nothing
-            # about completion, so draw another warp (and keep the original if all fail).
-            if not has_hole or np.any(mask < 0.5):
-                return mask
-        return base
-
-    def sample(self, n: int) -> np.ndarray:
-        """``(n, 1, H, W)`` float32 masks, 1 = known, 0 = hole."""
-        indices = self.rng.integers(0, self.pool.shape[0], size=n)
-        out = np.empty((n, 1, *self.pool.shape[1:]), dtype=np.float32)
-        for row, index in enumerate(indices):
-            out[row, 0] = self._one(int(index)) >= 0.5
-        return out
+def training_mask(pool: np.ndarray, rng: np.random.Generator, max_tries: int = 5) -> np.ndarray:
+    """One training mask, ``(H, W)`` float32 with 1 = known: a random pool mask under the paper's
+    random affine augmentation."""
+    base = pool[int(rng.integers(0, pool.shape[0]))]
+    has_hole = bool(np.any(base < 0.5))
+    for _ in range(max_tries):
+        mask = random_affine(base, rng)
+        # The warp can push a small hole out of the frame; a hole-free mask teaches nothing
+        # about completion, so draw another warp (and keep the original if all fail).
+        if not has_hole or np.any(mask < 0.5):
+            return (mask >= 0.5).astype(np.float32)
+    return (base >= 0.5).astype(np.float32)

@@ -31,6 +31,8 @@ from dfnet.model import DFNet
 Strategy = Literal["auto", "pad", "resize", "crops"]
 STRATEGIES: tuple[str, ...] = ("auto", "pad", "resize", "crops")
 Runner = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: Longest window side run at full resolution by default (a 1024×768 photo runs whole).
+DEFAULT_WORK_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,9 @@ class Inpainter:
 
     work_size: longest side a window may have at network resolution; larger windows are scaled
     down (only their hole pixels are replaced, so the downscale costs detail inside the hole only).
+    It follows the photo, not the training crop: a fully convolutional network trained on small
+    crops fills holes at the photo's own resolution, so photos up to `DEFAULT_WORK_SIZE` run
+    whole and unscaled.
     """
 
     def __init__(
@@ -110,7 +115,7 @@ class Inpainter:
         self.device = torch.device(device)
         provenance = getattr(model, "provenance", {}) or {}
         self.multiple = model.config.size_multiple
-        self.work_size = work_size or int(provenance.get("image_size", 2 * self.multiple))
+        self.work_size = work_size or DEFAULT_WORK_SIZE
         self.max_batch = max_batch
         self.quantization = quantization or provenance.get("output_quantization", "round")
         self.runner: Runner = runner or model.complete

@@ -19,14 +19,24 @@ from dfnet.model import DFNet, FusionMode, build_model
 
 
 @dataclass
+class CorpusParams:
+    """The embedded default's photos: real photographs from Debian packages (no install)."""
+
+    out_dir: str = "data/corpus"  # photos/ (the prepare stage's folder source), report.json
+    manifest: str = "docs/corpus-manifest.tsv"  # every photo: package, path inside, licence, sha256
+    download_dir: str = "data/debs"  # downloaded .deb files, kept so a rerun downloads nothing
+    max_short_side: int = 768  # photos are stored no larger than this (short side)
+
+
+@dataclass
 class DataParams:
-    source: str = "sample"  # "sample", a local folder, or s3://bucket/prefix
-    image_size: int = 64
-    crops_per_image: int = 96
+    # "sample", a local folder (the corpus stage's photos by default), or s3://bucket/prefix
+    source: str = "data/corpus/photos"
+    image_size: int = 64  # training crop side, drawn fresh every epoch from the stored photos
+    store_short_side: int = 512  # photos are stored this large (short side): crops and whole-photo eval
     val_fraction: float = 0.15
     test_fraction: float = 0.15
-    shard_rows: int = 512
-    seed: int = 0
+    shard_rows: int = 64  # photos per Parquet shard
     out_dir: str = "data/prepared"
 
 
@@ -49,13 +59,18 @@ class ModelParams:
 
 @dataclass
 class TrainParams:
-    epochs: int = 10
-    steps_per_epoch: int = 100
-    batch_size: int = 16
+    epochs: int = 8
+    crops_per_photo: int = 8  # an epoch = one pass over this many fresh crops of every photo
+    max_zoom_out: float = 2.0  # crop windows of image_size × [1, this] stored pixels
+    batch_size: int = 16  # per worker
     lr: float = 2e-3
     lr_decay_epochs: int = 5
     lr_decay_gamma: float = 0.1
+    bn_recalibration_batches: int = 20  # BatchNorm statistics re-estimated after every epoch
+    val_short_side: int = 256  # validation scores whole validation photos at this size
+    val_max_photos: int = 0  # 0 = every validation photo
     num_workers: int = 1
+    loader_workers: int = 0  # DataLoader processes per worker (0: decode in the training process)
     use_gpu: bool = False
     amp: bool = True
     storage_path: str = "runs"
@@ -68,8 +83,10 @@ class TrainParams:
 
 @dataclass
 class EvaluateParams:
-    band_width: int = 5
-    pairs_per_bin: int = 64
+    band_width: int = 5  # BPE band in px at 256 (short side), scaled with resolution
+    sizes: list[int] = field(default_factory=lambda: [256, 512])  # whole photos, short side
+    max_photos: int = 24  # held-out photos scored per size (0 = all)
+    mask_seed: int = 0  # the fixed (photo, mask) pairs
     grid_rows: int = 6
     out_dir: str = "metrics"
 
@@ -98,6 +115,7 @@ class MlflowParams:
 
 @dataclass
 class Params:
+    corpus: CorpusParams = field(default_factory=CorpusParams)
     data: DataParams = field(default_factory=DataParams)
     masks: MaskParams = field(default_factory=MaskParams)
     model: ModelParams = field(default_factory=ModelParams)

@@ -1,21 +1,23 @@
-"""DVC stage ``prepare``: raw photos -> square training crops in Parquet shards, split by photo.
+"""DVC stage ``prepare``: raw photos -> whole photos at a storage size in Parquet shards, split by photo.
 
     python -m pipelines.prepare --params params.yaml
 
 Ray Data reads the source named by ``data.source`` in params.yaml:
 
-- ``sample``: the photos bundled with scikit-image / scikit-learn (works offline); each photo
-  gives ``crops_per_image`` random crops (seeded by ``(seed, photo key)``), and splits are given
-  by quotas so val and test are never empty (:func:`dfnet.data.quota_splits`);
-- a local folder (read recursively, image extensions only) or ``s3://bucket/prefix`` (endpoint
-  from ``AWS_ENDPOINT_URL``): one centred crop per photo, split by a hash of the photo's path
-  relative to the source root (:func:`dfnet.data.split_of`), so adding photos never moves
-  existing ones between splits.
+- a local folder (read recursively, image extensions only; by default the corpus stage's
+  photos) or ``s3://bucket/prefix`` (endpoint from ``AWS_ENDPOINT_URL``), split by a hash of the
+  photo's path relative to the source root (:func:`dfnet.data.split_of`), so adding photos never
+  moves existing ones between splits;
+- ``sample``: the photos bundled with scikit-image / scikit-learn (works offline), split by
+  quotas so val and test are never empty (:func:`dfnet.data.quota_splits`).
 
-Unreadable files are skipped and listed in the report; they never fail the stage. Output:
-``{out_dir}/{train,val,test}/part-NNNNN.parquet`` (``shard_rows`` rows each, schema
-:data:`dfnet.data.PARQUET_SCHEMA`, rows in (photo key, crop index) order so reruns write
-identical tables) and ``{out_dir}/report.json``. ``out_dir`` may be an ``s3://`` URI.
+Every readable photo becomes one row: EXIF-oriented RGB scaled to ``store_short_side`` on the
+short side (smaller photos are kept as they are), stored as JPEG. Training draws fresh crops
+from them every epoch; validation and evaluation score them whole. Unreadable files are skipped
+and listed in the report; they never fail the stage. Output:
+``{out_dir}/{train,val,test}/part-NNNNN.parquet`` (``shard_rows`` photos each, schema
+:data:`dfnet.data.PARQUET_SCHEMA`, rows in key order so reruns write identical tables) and
+``{out_dir}/report.json``. ``out_dir`` may be an ``s3://`` URI.
 
 On a multi-node cluster a local folder must be reachable from every node (shared filesystem);
 S3 or the sample source need nothing else.
@@ -24,6 +26,7 @@ S3 or the sample source need nothing else.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -40,12 +43,10 @@ from dfnet.data import (
     IMAGE_EXTENSIONS,
     PARQUET_SCHEMA,
     SPLITS,
-    center_crop_resize,
-    crop_rng,
-    encode_png,
+    encode_jpeg,
     filesystem_for,
     quota_splits,
-    random_crops,
+    resize_short_side,
     sample_photos,
     split_of,
     try_decode_image,
@@ -67,12 +68,10 @@ def ensure_ray() -> None:
 
 
 @dataclass(frozen=True)
-class _CropSpec:
-    """Everything a Ray task needs to turn one file into rows (pickled into the tasks)."""
+class _PhotoSpec:
+    """Everything a Ray task needs to turn one file into a row (pickled into the tasks)."""
 
-    image_size: int
-    crops_per_image: int  # 0 = one centre crop
-    seed: int
+    store_short_side: int
     val_fraction: float
     test_fraction: float
     root: str | None  # keys are paths relative to this (folder / S3 sources)
@@ -95,8 +94,8 @@ class _CropSpec:
         return split_of(key, self.val_fraction, self.test_fraction)
 
 
-def _file_rows(spec: _CropSpec, row: dict[str, Any]) -> list[dict[str, Any]]:
-    """Ray ``flat_map`` body: one file -> its crop rows, or one error row if unreadable.
+def _photo_row(spec: _PhotoSpec, row: dict[str, Any]) -> dict[str, Any]:
+    """Ray ``map`` body: one file -> its row, or an error row if unreadable.
 
     Failed files travel through the dataset beside the good rows, marked by a non-empty
     ``error``, so the driver can report them without a second pass over the files.
@@ -104,21 +103,11 @@ def _file_rows(spec: _CropSpec, row: dict[str, Any]) -> list[dict[str, Any]]:
     key = spec.key_of(str(row["path"]))
     image, reason = try_decode_image(row["bytes"])
     if image is None:
-        return [
-            {"key": key, "source": key, "split": "", "image": b"", "height": 0, "width": 0,
-             "error": reason or "unreadable"}
-        ]  # fmt: skip
-    if spec.crops_per_image > 0:
-        rng = crop_rng(spec.seed, key)
-        crops = random_crops(image, spec.image_size, spec.crops_per_image, rng)
-    else:
-        crops = [center_crop_resize(image, spec.image_size)]
-    split = spec.split_of(key)
-    return [
-        {"key": f"{key}#{index:05d}", "source": key, "split": split, "image": encode_png(crop),
-         "height": crop.shape[0], "width": crop.shape[1], "error": ""}
-        for index, crop in enumerate(crops)
-    ]  # fmt: skip
+        return {"key": key, "source": key, "split": "", "image": b"", "height": 0, "width": 0,
+                "error": reason or "unreadable"}  # fmt: skip
+    photo = resize_short_side(image, spec.store_short_side, upscale=False)
+    return {"key": key, "source": key, "split": spec.split_of(key), "image": encode_jpeg(photo),
+            "height": photo.shape[0], "width": photo.shape[1], "error": ""}  # fmt: skip
 
 
 class _ShardWriter:
@@ -133,11 +122,14 @@ class _ShardWriter:
         self.shards = 0
         self.rows = 0
         self.sources: set[str] = set()
+        self.digest = hashlib.sha256()  # of every key and image: the data version of a run
 
     def add(self, table: pa.Table) -> None:
         if table.num_rows == 0:
             return
         self.sources.update(table.column("source").to_pylist())
+        for key, image in zip(table.column("key").to_pylist(), table.column("image").to_pylist()):
+            self.digest.update(key.encode() + image)
         self.pending.append(table)
         self.pending_rows += table.num_rows
         while self.pending_rows >= self.shard_rows:
@@ -199,19 +191,17 @@ def list_image_files(fs: pafs.FileSystem, root: str) -> list[str]:
     return sorted(found, key=lambda path: path[len(root) :])
 
 
-def _source_plan(params: DataParams) -> tuple[list[str], pafs.FileSystem, _CropSpec]:
+def _source_plan(params: DataParams) -> tuple[list[str], pafs.FileSystem, _PhotoSpec]:
     """The files to read (in output order), their filesystem, and how to turn them into rows."""
     common = {
-        "image_size": params.image_size,
-        "seed": params.seed,
+        "store_short_side": params.store_short_side,
         "val_fraction": params.val_fraction,
         "test_fraction": params.test_fraction,
     }
     if params.source == "sample":
         photos = sample_photos()  # sorted by key
         paths = [os.path.abspath(p) for p in photos.values()]
-        spec = _CropSpec(
-            crops_per_image=params.crops_per_image,
+        spec = _PhotoSpec(
             root=None,
             keys=dict(zip(paths, photos, strict=True)),
             splits=quota_splits(photos, params.val_fraction, params.test_fraction),
@@ -219,12 +209,12 @@ def _source_plan(params: DataParams) -> tuple[list[str], pafs.FileSystem, _CropS
         )
         return paths, pafs.LocalFileSystem(), spec
     fs, root = filesystem_for(params.source)
-    spec = _CropSpec(crops_per_image=0, root=root, keys=None, splits=None, **common)
+    spec = _PhotoSpec(root=root, keys=None, splits=None, **common)
     return list_image_files(fs, root), fs, spec
 
 
-def _build_dataset(paths: list[str], fs: pafs.FileSystem, spec: _CropSpec) -> Any:
-    """Ray Data: read the files, decode and crop them, keeping the input order of the files."""
+def _build_dataset(paths: list[str], fs: pafs.FileSystem, spec: _PhotoSpec) -> Any:
+    """Ray Data: read the files, decode and scale them, keeping the input order of the files."""
     import ray
 
     # With preserve_order the blocks come out in the order of `paths` however the tasks are
@@ -235,7 +225,7 @@ def _build_dataset(paths: list[str], fs: pafs.FileSystem, spec: _CropSpec) -> An
     context.execution_options.preserve_order = True
     try:
         dataset = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs)
-        dataset = dataset.flat_map(functools.partial(_file_rows, spec))
+        dataset = dataset.map(functools.partial(_photo_row, spec))
     finally:
         context.execution_options.preserve_order = saved
     return dataset
@@ -243,16 +233,14 @@ def _build_dataset(paths: list[str], fs: pafs.FileSystem, spec: _CropSpec) -> An
 
 def prepare(params: DataParams) -> dict[str, Any]:
     """Run the stage for ``params`` (the ``data`` section); returns the report it writes."""
-    if params.image_size < 1 or params.shard_rows < 1:
-        raise ValueError("data.image_size and data.shard_rows must be >= 1")
-    if params.source == "sample" and params.crops_per_image < 1:
-        raise ValueError("data.crops_per_image must be >= 1 for the sample source")
+    if params.store_short_side < params.image_size or params.shard_rows < 1:
+        raise ValueError("need data.store_short_side >= data.image_size and data.shard_rows >= 1")
     started = time.perf_counter()
     ensure_ray()
 
     paths, read_fs, spec = _source_plan(params)
     log.info(
-        "reading %d file(s) from %s (image size %d)", len(paths), params.source, params.image_size
+        "reading %d file(s) from %s (stored at short side %d)", len(paths), params.source, params.store_short_side
     )
     dataset = _build_dataset(paths, read_fs, spec)
 
@@ -282,7 +270,7 @@ def prepare(params: DataParams) -> dict[str, Any]:
 
     skipped.sort(key=lambda item: item["file"])
     splits = {
-        split: {"images": len(w.sources), "crops": w.rows, "shards": w.shards}
+        split: {"images": w.rows, "shards": w.shards, "sha256": w.digest.hexdigest()}
         for split, w in writers.items()
     }
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
@@ -291,10 +279,7 @@ def prepare(params: DataParams) -> dict[str, Any]:
     report = {
         "source": params.source,
         "out_dir": params.out_dir,
-        "image_size": params.image_size,
-        "crops_per_image": spec.crops_per_image or 1,
-        "crop_mode": "random" if spec.crops_per_image else "center",
-        "seed": params.seed,
+        "store_short_side": params.store_short_side,
         "val_fraction": params.val_fraction,
         "test_fraction": params.test_fraction,
         "files_read": sum(s["images"] for s in splits.values()) + len(skipped),
@@ -309,7 +294,7 @@ def prepare(params: DataParams) -> dict[str, Any]:
     log.info(
         "done in %.1f s: %s; %d file(s) skipped",
         report["elapsed_seconds"],
-        ", ".join(f"{k} {v['images']} photos / {v['crops']} crops" for k, v in splits.items()),
+        ", ".join(f"{k} {v['images']} photos" for k, v in splits.items()),
         len(skipped),
     )
     return report

@@ -74,7 +74,7 @@ class ServeSettings:
     batching: bool = True
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.01
-    work_size: int | None = None  # Inpainter work size; None = the model's training size
+    work_size: int | None = None  # Inpainter work size; None = dfnet.inpaint.DEFAULT_WORK_SIZE
     # Pixels per forward pass (batch × padded H × W): a request batch is split into forward
     # passes of at most this many pixels. On a CPU a big batch of big images runs slower per
     # image than small passes (activations fall out of cache); None = 65536 on CPU (e.g. 4 ×

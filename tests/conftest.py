@@ -100,3 +100,28 @@ def s3_server(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     client.create_bucket(Bucket=bucket)
     return S3Server(endpoint_url=moto_endpoint, bucket=bucket, client=client)
+
+
+def write_prepared_split(root: Any, split: str, photos: list[Any]) -> None:
+    """A prepared split as the prepare stage writes it: one Parquet row per (HxWx3 uint8) photo."""
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dfnet.data import PARQUET_SCHEMA, encode_png
+
+    directory = Path(root) / split
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {"key": f"{split}/{i:04d}.png", "source": f"{split}/{i:04d}.png", "split": split,
+         "image": encode_png(photo), "height": photo.shape[0], "width": photo.shape[1]}
+        for i, photo in enumerate(photos)
+    ]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA), directory / "part-00000.parquet")
+
+
+@pytest.fixture
+def prepared_split() -> Any:
+    """`write_prepared_split(root, split, photos)`, for tests that need prepared data without Ray."""
+    return write_prepared_split
