@@ -43,7 +43,6 @@ class DataParams:
 @dataclass
 class MaskParams:
     pool_size: int = 1000
-    eval_per_bin: int = 6
     seed: int = 0
     out: str = "data/masks.npz"
 
@@ -52,9 +51,11 @@ class MaskParams:
 class ModelParams:
     preset: str = "small"
     fusion: FusionMode = "blend"
+    fusion_levels: int | None = None  # None = the preset's (ablation: 1 = a single fusion block)
 
     def build(self) -> DFNet:
-        return build_model(self.preset, fusion=self.fusion)
+        levels = {} if self.fusion_levels is None else {"fusion_levels": self.fusion_levels}
+        return build_model(self.preset, fusion=self.fusion, **levels)
 
 
 @dataclass

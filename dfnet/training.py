@@ -203,10 +203,13 @@ def train(
         state.update(step=int(resume["step"]), epoch=int(resume["epoch"]), history=list(resume["history"]))
         state["extra"] = dict(resume.get("extra", {}))
         log.info("[rank %d] resumed at epoch %d, step %d", rank, state["epoch"], state["step"])
+    state["extra"]["vgg_provenance"] = loss_fn.provenance  # which texture loss really ran
     bare = model
     model = wrap_model(model)
 
-    pool = load_masks(params.masks.out)["pool"]
+    fs, masks_path = filesystem_for(params.masks.out)
+    with fs.open_input_file(masks_path) as stream:
+        pool = load_masks(stream)["pool"]
     loader = training_loader(
         params.data.out_dir, pool, params.data.image_size, t.batch_size,
         crops_per_photo=t.crops_per_photo, seed=t.seed, rank=rank, world=world,

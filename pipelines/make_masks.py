@@ -1,16 +1,14 @@
-"""DVC stage ``masks``: the training mask pool and the fixed evaluation masks per hole-ratio bin.
+"""DVC stage ``masks``: the training mask pool.
 
     python -m pipelines.make_masks --params params.yaml
 
 Writes ``masks.out`` (a bit-packed ``.npz`` read by :func:`dfnet.masks.load_masks`) holding
 
-- ``pool``: ``(pool_size, S, S)`` free-form training masks (augmented on the fly at training
-  time by :class:`dfnet.data.MaskSampler`), and
-- ``eval_bin0`` ... ``eval_bin4``: ``(eval_per_bin, S, S)`` masks whose hole ratios fall in
-  :data:`dfnet.masks.HOLE_BINS` ``[0, 10%)`` ... ``[40%, 50%)``,
-
-with ``S = data.image_size`` and 1 = known, 0 = hole. Beside it: ``masks_summary.json`` (hole
-ratio statistics) and ``masks_preview.png`` (a grid to look at: white = known, black = hole).
+``pool``: ``(pool_size, S, S)`` free-form training masks (augmented on the fly at training time
+by :func:`dfnet.data.training_mask`), with ``S = data.image_size`` and 1 = known, 0 = hole.
+Evaluation draws its own masks at each held-out photo's size (:mod:`dfnet.evaluation`).
+Beside it: ``masks_summary.json`` (hole ratio statistics) and ``masks_preview.png`` (a grid to
+look at: white = known, black = hole).
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ import pyarrow.fs as pafs
 from PIL import Image
 
 from dfnet.data import filesystem_for
-from dfnet.masks import HOLE_BINS, evaluation_masks, hole_ratio, mask_pool, save_masks
+from dfnet.masks import hole_ratio, mask_pool, save_masks
 from dfnet.params import MaskParams
 from pipelines import stage_params
 
@@ -34,17 +32,6 @@ log = logging.getLogger("pipelines.make_masks")
 
 PREVIEW_COLUMNS = 8
 _GAP = 2  # grey pixels between preview tiles
-
-
-def _seeds(seed: int) -> tuple[int, int]:
-    """Independent seeds for the pool and the evaluation set, both derived from ``seed``.
-
-    Spawning keeps the two streams unrelated (seed and seed + 1 would overlap between runs
-    with neighbouring seeds).
-    """
-    children = np.random.SeedSequence(seed).spawn(2)
-    pool_seed, eval_seed = (int(child.generate_state(1)[0]) for child in children)
-    return pool_seed, eval_seed
 
 
 def preview_grid(rows: list[np.ndarray], columns: int = PREVIEW_COLUMNS) -> Image.Image:
@@ -77,15 +64,11 @@ def make_masks(masks: MaskParams, image_size: int) -> dict[str, Any]:
 
     ``masks.out`` may be a local path or a URI such as ``s3://bucket/masks.npz``.
     """
-    if image_size < 1 or masks.pool_size < 1 or masks.eval_per_bin < 0:
-        raise ValueError("need image_size >= 1, masks.pool_size >= 1 and masks.eval_per_bin >= 0")
-    pool_seed, eval_seed = _seeds(masks.seed)
+    if image_size < 1 or masks.pool_size < 1:
+        raise ValueError("need image_size >= 1 and masks.pool_size >= 1")
     log.info("drawing %d pool masks at %dx%d", masks.pool_size, image_size, image_size)
-    pool = mask_pool(masks.pool_size, image_size, image_size, pool_seed)
-    log.info("drawing %d evaluation masks per bin", masks.eval_per_bin)
-    per_bin = evaluation_masks(masks.eval_per_bin, image_size, image_size, eval_seed)
-
-    arrays = {"pool": pool} | {f"eval_bin{i}": per_bin[i] for i in range(len(HOLE_BINS))}
+    pool = mask_pool(masks.pool_size, image_size, image_size, masks.seed)
+    arrays = {"pool": pool}
     fs, out_path = filesystem_for(masks.out)
     folder = posixpath.dirname(out_path)
     if isinstance(fs, pafs.LocalFileSystem):  # object stores need (and want) no directories
@@ -100,15 +83,11 @@ def make_masks(masks: MaskParams, image_size: int) -> dict[str, Any]:
         "image_size": image_size,
         "seed": masks.seed,
         "pool": _ratio_stats(pool),
-        "eval_bins": [
-            {"bin": i, "range": list(HOLE_BINS[i])} | _ratio_stats(per_bin[i])
-            for i in range(len(HOLE_BINS))
-        ],
     }
     with fs.open_output_stream(posixpath.join(folder, "masks_summary.json")) as stream:
         stream.write((json.dumps(summary, indent=2) + "\n").encode("utf-8"))
 
-    rows = [pool] + [per_bin[i] for i in range(len(HOLE_BINS)) if len(per_bin[i])]
+    rows = [pool[i : i + PREVIEW_COLUMNS] for i in range(0, min(len(pool), 4 * PREVIEW_COLUMNS), PREVIEW_COLUMNS)]
     png = io.BytesIO()
     preview_grid(rows).save(png, format="PNG")
     with fs.open_output_stream(posixpath.join(folder, "masks_preview.png")) as stream:

@@ -80,6 +80,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 torch.save(checkpoint_state(state), Path(directory) / STATE_FILE)
                 state["samples"].save(Path(directory) / SAMPLES_FILE)
                 if mlflow:
+                    mlflow.log_param("loss.vgg_provenance", state["extra"]["vgg_provenance"])
                     val = {k: v for k, v in metrics.items() if k.startswith("val_")}
                     mlflow.log_metrics(val, step=int(metrics["step"]))
                     mlflow.log_image(state["samples"], f"samples/epoch_{int(metrics['epoch']):03d}.png")

@@ -140,59 +140,37 @@ def test_sample_photos_are_decodable_photographs():
 # --- crops --------------------------------------------------------------------------------
 
 
-def test_random_crops_size_and_determinism():
+def test_train_crop_size_flip_and_determinism():
     image = _noise(120, 200)
-    crops = data.random_crops(image, 32, 5, np.random.default_rng(7))
-    assert len(crops) == 5
+    crops = [data.train_crop(image, 32, np.random.default_rng(seed)) for seed in range(6)]
     assert all(c.shape == (32, 32, 3) and c.dtype == np.uint8 for c in crops)
-    again = data.random_crops(image, 32, 5, np.random.default_rng(7))
-    assert all(np.array_equal(a, b) for a, b in zip(crops, again, strict=True))
-    other = data.random_crops(image, 32, 5, np.random.default_rng(8))
-    assert not all(np.array_equal(a, b) for a, b in zip(crops, other, strict=True))
-    # Different crops of one photo differ from each other.
-    assert len({c.tobytes() for c in crops}) == 5
+    np.testing.assert_array_equal(crops[0], data.train_crop(image, 32, np.random.default_rng(0)))
+    assert len({c.tobytes() for c in crops}) == 6
 
 
-def test_random_crops_see_between_half_and_all_of_the_short_side():
-    # Pixel value = x coordinate, so a crop's left-to-right value span measures its window:
-    # column centres of a 16-px crop of a window of side s lie 15/16 * s apart.
-    ramp = np.broadcast_to(np.arange(200, dtype=np.uint8)[None, :, None], (300, 200, 3))
+def test_train_crop_windows_span_one_to_max_zoom_out_crop_sides():
+    # Pixel value = x coordinate, so a crop's left-to-right value span measures its window
+    # (flips make it negative): column centres of a 16-px crop of a window s lie 15/16 * s apart.
+    ramp = np.broadcast_to(np.arange(250, dtype=np.uint8)[None, :, None], (300, 250, 3)).copy()
     spans = [
-        float(c[8, -1, 0]) - float(c[8, 0, 0])
-        for c in data.random_crops(ramp.copy(), 16, 40, np.random.default_rng(0))
+        abs(float(c[8, -1, 0]) - float(c[8, 0, 0]))
+        for c in (data.train_crop(ramp, 16, np.random.default_rng(s), max_zoom_out=4.0) for s in range(60))
     ]
-    assert min(spans) >= 100 * 15 / 16 - 2 and max(spans) <= 200 * 15 / 16 + 2
-    assert max(spans) - min(spans) > 40  # the field of view varies from crop to crop
-    full = data.random_crops(ramp.copy(), 16, 3, np.random.default_rng(0), min_fraction=1.0)
-    assert all(abs(float(c[8, -1, 0]) - float(c[8, 0, 0]) - 200 * 15 / 16) <= 2 for c in full)
+    assert min(spans) >= 16 * 15 / 16 - 2 and max(spans) <= 64 * 15 / 16 + 2
+    assert max(spans) - min(spans) > 20  # the scale varies from crop to crop
+    flipped = [data.train_crop(ramp, 16, np.random.default_rng(s))[8, 0, 0] > 100 for s in range(60)]
+    assert 10 < sum(flipped) < 50  # left-right flips, about half of the time
 
 
-def test_crops_upscale_small_images():
-    crops = data.random_crops(_noise(10, 14), 48, 2, np.random.default_rng(0))
-    assert all(c.shape == (48, 48, 3) for c in crops)
-    assert data.center_crop_resize(_noise(10, 14), 48).shape == (48, 48, 3)
+def test_train_crop_of_a_photo_smaller_than_the_crop_upscales_it():
+    assert data.train_crop(_noise(10, 14), 48, np.random.default_rng(0)).shape == (48, 48, 3)
 
 
-@pytest.mark.parametrize("shape", [(100, 300), (300, 100)])
-def test_center_crop_takes_the_middle(shape):
-    image = np.zeros((*shape, 3), dtype=np.uint8)
-    if shape[0] < shape[1]:
-        image[:, 100:200] = 255
-    else:
-        image[100:200, :] = 255
-    crop = data.center_crop_resize(image, 32)
-    assert crop.shape == (32, 32, 3)
-    assert crop[2:-2, 2:-2].min() >= 250  # interior purely from the white middle square
-
-
-def test_crop_rng_depends_on_seed_and_key():
-    draw = lambda seed, key: data.crop_rng(seed, key).integers(0, 2**31, 4).tolist()  # noqa: E731
-    assert draw(0, "a.png") == draw(0, "a.png")
-    assert draw(0, "a.png") != draw(1, "a.png")
-    assert draw(0, "a.png") != draw(0, "b.png")
-
-
-# --- splits -------------------------------------------------------------------------------
+@pytest.mark.parametrize(("shape", "expected"), [((100, 300), (64, 192)), ((300, 100), (192, 64))])
+def test_resize_short_side_keeps_the_aspect(shape, expected):
+    assert data.resize_short_side(_noise(*shape), 64).shape == (*expected, 3)
+    small = _noise(20, 30)
+    assert data.resize_short_side(small, 64, upscale=False) is small
 
 
 def test_split_of_is_deterministic_across_processes():
@@ -287,16 +265,13 @@ def test_filesystem_for(monkeypatch, tmp_path):
 # --- masks at training time ---------------------------------------------------------------
 
 
-def test_mask_sampler_shapes_and_augmentation():
+def test_training_masks_are_augmented_pool_masks_with_holes():
     pool = mask_pool(12, 32, 32, seed=3)
-    sampler = data.MaskSampler(pool, seed=5)
-    masks = sampler.sample(20)
-    assert masks.shape == (20, 1, 32, 32) and masks.dtype == np.float32
+    masks = np.stack([data.training_mask(pool, np.random.default_rng(seed)) for seed in range(20)])
+    assert masks.shape == (20, 32, 32) and masks.dtype == np.float32
     assert set(np.unique(masks)) <= {0.0, 1.0}
     assert all((m < 0.5).any() for m in masks)  # every training mask has a hole
     # The random affine warp is applied: most samples match no pool mask exactly.
     pool_set = {m.astype(np.float32).tobytes() for m in pool}
-    assert sum(m[0].tobytes() not in pool_set for m in masks) >= 15
-    again = data.MaskSampler(pool, seed=5).sample(20)
-    np.testing.assert_array_equal(masks, again)
-    assert not np.array_equal(masks, data.MaskSampler(pool, seed=6).sample(20))
+    assert sum(m.tobytes() not in pool_set for m in masks) >= 15
+    np.testing.assert_array_equal(masks[0], data.training_mask(pool, np.random.default_rng(0)))

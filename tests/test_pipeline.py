@@ -35,7 +35,7 @@ STAGES = ("prepare", "masks", "train", "evaluate", "register")
 METHODS = ("dfnet", "untrained", "telea", "ns")
 TINY = {
     "data": {"source": "sample", "image_size": 64, "crops_per_image": 4},
-    "masks": {"pool_size": 50, "eval_per_bin": 2},
+    "masks": {"pool_size": 50},
     "model": {"preset": "small"},
     "loss": {"p": 4, "q": 2, "texture_fallback": "off"},
     "train": {"epochs": 2, "steps_per_epoch": 3, "batch_size": 4, "num_workers": 1},

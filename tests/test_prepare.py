@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from dfnet import data
-from dfnet.masks import HOLE_BINS, hole_ratio, load_masks
+from dfnet.masks import hole_ratio, load_masks
 from dfnet.params import DataParams, MaskParams
 from pipelines.make_masks import make_masks
 from pipelines.prepare import prepare
@@ -41,7 +41,7 @@ GOOD = {
     "b.PNG": _encoded(_photo(100, 70, 2), "PNG"),
     "c.jpg": _encoded(_photo(80, 80, 3), "JPEG"),
     "sub/d.jpeg": _encoded(_photo(50, 120, 4), "JPEG"),
-    "sub/deeper/e.png": _encoded(_photo(20, 24, 5), "PNG"),  # smaller than SIZE: upscaled
+    "sub/deeper/e.png": _encoded(_photo(20, 24, 5), "PNG"),  # smaller than SIZE: kept as it is
 }
 BAD = {
     "broken.png": np.random.default_rng(9).integers(0, 256, 3000, dtype=np.uint8).tobytes(),
@@ -63,28 +63,24 @@ def _read_all(out_dir: str) -> dict[str, pa.Table]:
     return {split: data.read_split(out_dir, split) for split in data.SPLITS}
 
 
-def _check_tables(tables: dict[str, pa.Table], expected_split: dict[str, str]) -> None:
-    """Rows are well formed, each source sits in its expected split and nowhere else."""
+def _check_tables(tables: dict[str, pa.Table], expected_split: dict[str, str], originals: dict[str, bytes]) -> None:
+    """One row per photo, each in its expected split and nowhere else, scaled to the stored
+    short side (never up), its pixels those of the original (up to JPEG's loss)."""
     seen_keys: set[str] = set()
-    sources_by_split = {}
     for split, table in tables.items():
         assert table.schema.equals(data.PARQUET_SCHEMA)
         rows = table.to_pylist()
-        sources_by_split[split] = {r["source"] for r in rows}
         for row in rows:
             assert row["split"] == split == expected_split[row["source"]]
-            assert row["key"].startswith(row["source"] + "#")
-            assert (row["height"], row["width"]) == (SIZE, SIZE)
+            assert row["key"] == row["source"]
+            expected = data.resize_short_side(data.decode_image(originals[row["key"]]), SIZE, upscale=False)
             image = data.decode_image(row["image"])
-            assert image is not None and image.shape == (SIZE, SIZE, 3)
+            assert image.shape == expected.shape and (row["height"], row["width"]) == expected.shape[:2]
+            assert np.abs(image.astype(int) - expected).mean() < 4  # JPEG, quality 95
         seen_keys.update(table.column("key").to_pylist())
-        order = [(r["source"], r["key"]) for r in rows]
-        assert order == sorted(order)  # photo by photo, crops in index order
-    assert len(seen_keys) == sum(t.num_rows for t in tables.values())  # keys are unique
-    for a in data.SPLITS:
-        for b in data.SPLITS:
-            if a < b:
-                assert not sources_by_split[a] & sources_by_split[b]
+        keys = [r["key"] for r in rows]
+        assert keys == sorted(keys)  # in key order: reruns write identical tables
+    assert len(seen_keys) == sum(t.num_rows for t in tables.values())  # a photo lands once
 
 
 def test_prepare_folder_skips_bad_files_and_is_deterministic(ray_local, tmp_path):
@@ -92,6 +88,7 @@ def test_prepare_folder_skips_bad_files_and_is_deterministic(ray_local, tmp_path
     params = DataParams(
         source=str(raw),
         image_size=SIZE,
+        store_short_side=SIZE,
         val_fraction=0.3,
         test_fraction=0.3,
         shard_rows=2,
@@ -106,22 +103,16 @@ def test_prepare_folder_skips_bad_files_and_is_deterministic(ray_local, tmp_path
     assert all(s["reason"] for s in report["skipped"])
     assert report["files_read"] == len(GOOD) + len(BAD)
     assert sum(s["images"] for s in report["splits"].values()) == len(GOOD)
-    assert sum(s["crops"] for s in report["splits"].values()) == len(GOOD)  # one centre crop
     on_disk = json.loads((tmp_path / "out1" / "report.json").read_text())
     assert on_disk["skipped"] == report["skipped"] and on_disk["splits"] == report["splits"]
 
     tables = _read_all(params.out_dir)
     expected = {key: data.split_of(key, 0.3, 0.3) for key in GOOD}
-    _check_tables(tables, expected)
-    rows = {r["source"]: r for t in tables.values() for r in t.to_pylist()}
-    assert set(rows) == set(GOOD)
-    for key, blob in GOOD.items():  # the stored pixels are the centre crop of that very file
-        original = data.decode_image(blob)
-        expected_crop = data.center_crop_resize(original, SIZE)
-        np.testing.assert_array_equal(data.decode_image(rows[key]["image"]), expected_crop)
+    _check_tables(tables, expected, GOOD)
+    assert {r["source"] for t in tables.values() for r in t.to_pylist()} == set(GOOD)
     for split, info in report["splits"].items():  # shards hold at most shard_rows rows
         parts = sorted((tmp_path / "out1" / split).glob("*.parquet"))
-        assert len(parts) == info["shards"] == max(1, -(-info["crops"] // 2))
+        assert len(parts) == info["shards"] == max(1, -(-info["images"] // 2))
 
     # A second run (into a folder holding stale shards of another run) writes the same tables.
     second = DataParams(**{**params.__dict__, "out_dir": str(tmp_path / "out2")})
@@ -134,21 +125,14 @@ def test_prepare_folder_skips_bad_files_and_is_deterministic(ray_local, tmp_path
 
 
 def test_prepare_sample_source(ray_local, tmp_path):
-    params = DataParams(
-        source="sample", image_size=SIZE, crops_per_image=2, shard_rows=64, out_dir=str(tmp_path)
-    )
+    params = DataParams(source="sample", image_size=SIZE, store_short_side=SIZE, out_dir=str(tmp_path))
     report = prepare(params)
     photos = data.sample_photos()
     assert report["num_skipped"] == 0 and report["files_read"] == len(photos)
     quotas = data.quota_splits(photos, params.val_fraction, params.test_fraction)
     for split, info in report["splits"].items():
         assert info["images"] == sum(v == split for v in quotas.values()) >= 1
-        assert info["crops"] == 2 * info["images"]
-    tables = _read_all(str(tmp_path))
-    _check_tables(tables, quotas)
-    # The two crops of a photo are different random windows, not copies.
-    train = tables["train"].to_pylist()
-    assert train[0]["source"] == train[1]["source"] and train[0]["image"] != train[1]["image"]
+    _check_tables(_read_all(str(tmp_path)), quotas, {k: Path(p).read_bytes() for k, p in photos.items()})
 
 
 def test_prepare_s3_to_s3(ray_local, s3_server):
@@ -163,6 +147,7 @@ def test_prepare_s3_to_s3(ray_local, s3_server):
     params = DataParams(
         source=s3_server.uri("raw"),
         image_size=SIZE,
+        store_short_side=SIZE,
         val_fraction=0.0,
         test_fraction=0.0,
         out_dir=s3_server.uri("prepared"),
@@ -171,41 +156,32 @@ def test_prepare_s3_to_s3(ray_local, s3_server):
     assert [s["file"] for s in report["skipped"]] == ["bad.png"]
     assert report["splits"]["train"]["images"] == 2
     tables = _read_all(params.out_dir)
-    _check_tables(tables, {"x.png": "train", "y/z.jpg": "train"})
+    _check_tables(tables, {"x.png": "train", "y/z.jpg": "train"}, {"x.png": GOOD["a.png"], "y/z.jpg": GOOD["c.jpg"]})
     assert tables["val"].num_rows == tables["test"].num_rows == 0
     stored = s3_server.client.get_object(Bucket=s3_server.bucket, Key="prepared/report.json")
     assert json.loads(stored["Body"].read())["splits"] == report["splits"]
-    row = tables["train"].to_pylist()[0]
-    assert row["source"] == "x.png"
-    expected = data.center_crop_resize(data.decode_image(GOOD["a.png"]), SIZE)
-    np.testing.assert_array_equal(data.decode_image(row["image"]), expected)
 
 
 def test_make_masks(tmp_path):
-    params = MaskParams(pool_size=6, eval_per_bin=2, seed=4, out=str(tmp_path / "m" / "masks.npz"))
+    params = MaskParams(pool_size=12, seed=4, out=str(tmp_path / "m" / "masks.npz"))
     summary = make_masks(params, 48)
     stored = load_masks(params.out)
-    assert set(stored) == {"pool"} | {f"eval_bin{i}" for i in range(len(HOLE_BINS))}
-    assert stored["pool"].shape == (6, 48, 48)
+    assert set(stored) == {"pool"}
+    assert stored["pool"].shape == (12, 48, 48) and stored["pool"].dtype == np.uint8
     assert all(hole_ratio(m) > 0 for m in stored["pool"])
-    for i, (lo, hi) in enumerate(HOLE_BINS):
-        masks = stored[f"eval_bin{i}"]
-        assert masks.shape == (2, 48, 48) and masks.dtype == np.uint8
-        assert all(lo <= hole_ratio(m) < hi for m in masks)
-        assert lo <= summary["eval_bins"][i]["hole_ratio_mean"] < hi
+    assert 0 < summary["pool"]["hole_ratio_mean"] < 0.6
     assert json.loads((tmp_path / "m" / "masks_summary.json").read_text()) == summary
     preview = Image.open(tmp_path / "m" / "masks_preview.png")
-    assert preview.width > 48 * 6 and preview.height > 48 * 6  # pool row + five bin rows
+    assert preview.width > 48 * 8 and preview.height > 48 * 2  # two rows of eight
 
     # Seeded: the same seed repeats exactly, another seed does not.
     make_masks(MaskParams(**{**params.__dict__, "out": str(tmp_path / "again.npz")}), 48)
-    again = load_masks(tmp_path / "again.npz")
-    assert all(np.array_equal(stored[k], again[k]) for k in stored)
+    np.testing.assert_array_equal(load_masks(tmp_path / "again.npz")["pool"], stored["pool"])
     make_masks(MaskParams(**{**params.__dict__, "seed": 5, "out": str(tmp_path / "o.npz")}), 48)
     assert not np.array_equal(load_masks(tmp_path / "o.npz")["pool"], stored["pool"])
 
 
-@pytest.mark.parametrize("bad", [{"image_size": 0}, {"shard_rows": 0}, {"crops_per_image": 0}])
+@pytest.mark.parametrize("bad", [{"store_short_side": 16, "image_size": 32}, {"shard_rows": 0}])
 def test_prepare_rejects_bad_params(bad, tmp_path):
     with pytest.raises(ValueError):
         prepare(DataParams(**({"out_dir": str(tmp_path)} | bad)))

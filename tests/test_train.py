@@ -1,7 +1,7 @@
 """The train stage through real Ray Train: checkpoints, export, resume, fault tolerance, S3, MLflow.
 
-Everything runs on tiny configurations (the `small` preset at 64², batch 4, a few steps) on the
-session's 2-CPU local Ray. Each `fit()` costs Ray Train's start-up (~10-25 s on a busy 2-core
+Everything runs on tiny configurations (the `small` preset at 64², batch 4, a few steps, the
+library's one loop `dfnet.training.train` inside the workers) on the session's 2-CPU local Ray. Each `fit()` costs Ray Train's start-up (~10-25 s on a busy 2-core
 machine), so the runs are shared through module fixtures where a test only reads them; the
 worker-kill and S3 tests start their own runs and are marked slow.
 """
@@ -9,7 +9,6 @@ worker-kill and S3 tests start their own runs and are marked slow.
 from __future__ import annotations
 
 import io
-import json
 import os
 import signal
 import threading
@@ -24,20 +23,14 @@ import pytest
 import torch
 from PIL import Image
 
-from dfnet.data import split_of
+from dfnet.data import read_split, split_of
 from dfnet.losses import DFNetLoss
 from dfnet.model import DFNet, read_model_config
 from dfnet.params import Params, load_params, parse_params
+from dfnet.training import export_model, run_identity
 from pipelines.make_masks import make_masks
 from pipelines.prepare import prepare
-from pipelines.train import (
-    HISTORY_FILE,
-    STATE_FILE,
-    build_trainer,
-    export_model,
-    load_checkpoint_state,
-    run_name,
-)
+from pipelines.train import SAMPLES_FILE, STATE_FILE, build_trainer, load_checkpoint_state
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -50,14 +43,17 @@ def tiny_params(root: Path, **sections: dict[str, Any]) -> Params:
     cannot make these tests slow; `sections` override further.
     """
     overrides: dict[str, dict[str, Any]] = {
-        "data": {"image_size": SIZE, "crops_per_image": 2, "out_dir": str(root / "prepared")},
-        "masks": {"pool_size": 20, "eval_per_bin": 1, "out": str(root / "masks.npz")},
+        "data": {"image_size": SIZE, "store_short_side": SIZE, "out_dir": str(root / "prepared")},
+        "masks": {"pool_size": 20, "out": str(root / "masks.npz")},
         "model": {"preset": "small", "fusion": "blend"},
         "loss": {"p": 4, "q": 2, "texture_fallback": "off"},
         "train": {
             "epochs": 2,
-            "steps_per_epoch": 3,
+            "crops_per_photo": 1,
             "batch_size": 4,
+            "bn_recalibration_batches": 1,
+            "val_short_side": SIZE,
+            "val_max_photos": 1,
             "num_workers": 1,
             "use_gpu": False,
             "storage_path": str(root / "runs"),
@@ -84,16 +80,21 @@ def split_history(history: list[dict[str, Any]]) -> tuple[list[dict], list[dict]
     return [h for h in history if "loss_total" in h], [h for h in history if "val_l1" in h]
 
 
+def steps_per_epoch(params: Params) -> int:
+    """What the loop makes of the prepared photos: one pass over crops_per_photo crops each."""
+    photos = read_split(params.data.out_dir, "train").num_rows
+    return photos * params.train.crops_per_photo // (params.train.batch_size * params.train.num_workers)
+
+
 def check_history(history: list[dict[str, Any]], params: Params) -> None:
     """Step records strictly increase up to the total; one validation record per epoch end."""
-    train = params.train
-    total = train.epochs * train.steps_per_epoch
+    spe = steps_per_epoch(params)
+    total = params.train.epochs * spe
     steps, vals = split_history(history)
     step_values = [h["step"] for h in steps]
     assert step_values == sorted(set(step_values)), f"steps go back or repeat: {step_values}"
     assert step_values[-1] == total
-    epoch_ends = list(range(train.steps_per_epoch, total + 1, train.steps_per_epoch))
-    assert [h["step"] for h in vals] == epoch_ends
+    assert [h["step"] for h in vals] == list(range(spe, total + 1, spe))
     assert all(np.isfinite(h["loss_total"]) and h["images_per_s"] > 0 for h in steps)
 
 
@@ -109,9 +110,9 @@ def mlflow_run(params: Params) -> Any:
     experiment = client.get_experiment_by_name(params.mlflow.experiment)
     assert experiment is not None
     runs = client.search_runs(
-        [experiment.experiment_id], filter_string=f"params.ray_run = '{run_name(params)}'"
+        [experiment.experiment_id], filter_string=f"params.ray_run = '{run_identity(params)}'"
     )
-    assert len(runs) == 1, f"expected one MLflow run for {run_name(params)}, got {len(runs)}"
+    assert len(runs) == 1, f"expected one MLflow run for {run_identity(params)}, got {len(runs)}"
     return runs[0]
 
 
@@ -133,18 +134,18 @@ def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 @pytest.fixture(scope="module")
 def data_root(ray_local: Any, mlflow_store: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny prepared data (bundled sample photos, 2 crops each) and a small mask pool."""
+    """Tiny prepared data (the bundled sample photos at 64 px) and a small mask pool."""
     root = tmp_path_factory.mktemp("train-data")
     params = tiny_params(root)
     report = prepare(params.data)
-    assert all(report["splits"][s]["crops"] > 0 for s in ("train", "val", "test"))
+    assert all(report["splits"][s]["images"] > 0 for s in ("train", "val", "test"))
     make_masks(params.masks, SIZE)
     return root
 
 
 @pytest.fixture(scope="module")
 def first_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Params, Any]:
-    """One finished 2-epoch × 3-step run; the tests below only read it (or resume it)."""
+    """One finished 2-epoch run; the tests below only read it (or resume it)."""
     params = tiny_params(data_root, train={"storage_path": str(tmp_path_factory.mktemp("runs"))})
     result = build_trainer(params).fit()
     return params, result
@@ -152,21 +153,23 @@ def first_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
 
 def test_fit_checkpoints_and_exports_a_loadable_model(first_run, tmp_path):
     params, result = first_run
-    total = params.train.epochs * params.train.steps_per_epoch
+    total = params.train.epochs * steps_per_epoch(params)
     assert result.error is None
-    state, history = load_checkpoint_state(result.checkpoint)
+    state = load_checkpoint_state(result.checkpoint)
     assert state["step"] == total
-    check_history(history, params)
-    # The checkpoint lives in the run's storage folder, named after the params.
-    run_dir = Path(params.train.storage_path) / run_name(params)
+    check_history(state["history"], params)
+    # The checkpoint lives in the run's storage folder, named after what determines the weights.
+    run_dir = Path(params.train.storage_path) / run_identity(params)
     assert [p.name for p in checkpoint_dirs(run_dir)][-1] in result.checkpoint.path
+    with result.checkpoint.as_directory() as directory:
+        assert Image.open(Path(directory) / SAMPLES_FILE).size[0] == 3 * SIZE
 
-    out = export_model(params, state, tmp_path / "model", extra={"ray_run": run_name(params)})
+    out = export_model(params, state, tmp_path / "model")
     model = DFNet.from_pretrained(out)
     for key, value in model.state_dict().items():
         assert torch.equal(value, state["model"][key].cpu()), key
     provenance = read_model_config(out)["provenance"]
-    assert provenance["steps"] == total
+    assert provenance["steps"] == total and provenance["epochs"] == params.train.epochs
     assert provenance["image_size"] == SIZE and provenance["preset"] == params.model.preset
     # The exported weights are the trained ones, not a fresh initialisation.
     fresh = params.model.build().state_dict()
@@ -175,15 +178,15 @@ def test_fit_checkpoints_and_exports_a_loadable_model(first_run, tmp_path):
 
 def test_training_is_logged_to_mlflow(first_run):
     params, result = first_run
-    state, _ = load_checkpoint_state(result.checkpoint)
+    state = load_checkpoint_state(result.checkpoint)
     run = mlflow_run(params)
-    assert run.info.run_id == state["mlflow_run_id"]
+    assert run.info.run_id == state["extra"]["mlflow_run_id"]
     assert {"loss_total", "val_l1", "val_bpe"} <= set(run.data.metrics)
     assert run.data.params["loss.vgg_provenance"] == DFNetLoss(params.loss).provenance
     assert run.data.params["train.batch_size"] == str(params.train.batch_size)
-    spe, total = params.train.steps_per_epoch, params.train.epochs * params.train.steps_per_epoch
+    spe = steps_per_epoch(params)
     val_steps = [m.step for m in metric_history(run.info.run_id, "val_l1")]
-    assert val_steps == list(range(spe, total + 1, spe))
+    assert val_steps == list(range(spe, params.train.epochs * spe + 1, spe))
     # Sample grids are artifacts stored beside the SQLite store, not in a Ray temp folder.
     store_dir = Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///")).parent
     artifacts = Path(urlparse(run.info.artifact_uri).path)
@@ -193,36 +196,37 @@ def test_training_is_logged_to_mlflow(first_run):
 
 def test_rerun_with_same_params_resumes_instead_of_retraining(first_run):
     params, first = first_run
-    state, history = load_checkpoint_state(first.checkpoint)
-    run_dir = Path(params.train.storage_path) / run_name(params)
+    state = load_checkpoint_state(first.checkpoint)
+    run_dir = Path(params.train.storage_path) / run_identity(params)
     before = checkpoint_dirs(run_dir)
 
     again = build_trainer(params).fit()
-    resumed_state, resumed_history = load_checkpoint_state(again.checkpoint)
-    assert resumed_state["step"] == state["step"]
+    resumed = load_checkpoint_state(again.checkpoint)
+    assert resumed["step"] == state["step"]
     # Identical records, timings included: read back from storage, not recomputed.
-    assert resumed_history == history
+    assert resumed["history"] == state["history"]
     assert checkpoint_dirs(run_dir) == before  # no step was trained, so nothing was reported
     for key, value in state["model"].items():
-        assert torch.equal(resumed_state["model"][key], value), key
+        assert torch.equal(resumed["model"][key], value), key
     # The resumed worker continued the same MLflow run rather than opening a second one.
-    assert mlflow_run(params).info.run_id == state["mlflow_run_id"]
+    assert mlflow_run(params).info.run_id == state["extra"]["mlflow_run_id"]
 
 
 def test_more_epochs_extend_the_run_from_its_checkpoint(first_run):
     params, first = first_run
-    state, history = load_checkpoint_state(first.checkpoint)
+    state = load_checkpoint_state(first.checkpoint)
     longer = load_params_with(params, train={"epochs": params.train.epochs + 1})
-    assert run_name(longer) == run_name(params)
-    extended_state, extended_history = load_checkpoint_state(build_trainer(longer).fit().checkpoint)
-    assert extended_state["step"] == state["step"] + params.train.steps_per_epoch
-    assert extended_history[: len(history)] == history  # the first epochs were not retrained
-    assert min(h["step"] for h in extended_history[len(history) :]) > state["step"]
+    assert run_identity(longer) == run_identity(params)
+    extended = load_checkpoint_state(build_trainer(longer).fit().checkpoint)
+    assert extended["step"] == state["step"] + steps_per_epoch(params)
+    history = state["history"]
+    assert extended["history"][: len(history)] == history  # the first epochs were not retrained
+    assert min(h["step"] for h in extended["history"][len(history) :]) > state["step"]
 
 
-def test_run_name_tracks_what_determines_training(tmp_path):
-    base = tiny_params(tmp_path)
-    name = run_name(base)
+def test_run_identity_tracks_what_determines_training(data_root):
+    base = tiny_params(data_root)
+    name = run_identity(base)
     assert name.startswith(base.train.run_name + "-")
     # Where and how the run executes does not make it a different run...
     for key, value in {
@@ -234,18 +238,19 @@ def test_run_name_tracks_what_determines_training(tmp_path):
         "use_gpu": True,
         "epochs": 3,  # more epochs extend the same run
     }.items():
-        assert run_name(tiny_params(tmp_path, train={key: value})) == name, key
+        assert run_identity(tiny_params(data_root, train={key: value})) == name, key
     # ...while what is trained, on what, and how, does.
     for section, values in [
         ("train", {"lr": 1e-3}),
         ("train", {"batch_size": 8}),
         ("train", {"seed": 1}),
+        ("train", {"crops_per_photo": 3}),
         ("loss", {"style": 120.0}),
         ("model", {"fusion": "hard"}),
         ("masks", {"pool_size": 21}),
-        ("data", {"crops_per_image": 3}),
+        ("data", {"store_short_side": 128}),
     ]:
-        assert run_name(tiny_params(tmp_path, **{section: values})) != name, values
+        assert run_identity(tiny_params(data_root, **{section: values})) != name, values
 
 
 def _train_workers() -> list[psutil.Process]:
@@ -266,14 +271,13 @@ def test_killed_worker_resumes_from_last_checkpoint(data_root, tmp_path):
         data_root,
         train={
             "epochs": 4,
-            "steps_per_epoch": 3,
             "max_failures": 1,
             "storage_path": str(tmp_path / "runs"),
             "run_name": "killed",
         },
     )
-    total = params.train.epochs * params.train.steps_per_epoch
-    run_dir = tmp_path / "runs" / run_name(params)
+    total = params.train.epochs * steps_per_epoch(params)
+    run_dir = tmp_path / "runs" / run_identity(params)
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -294,7 +298,7 @@ def test_killed_worker_resumes_from_last_checkpoint(data_root, tmp_path):
     workers = _train_workers()
     assert len(workers) == params.train.num_workers
     first = checkpoint_dirs(run_dir)[0]
-    seen_history = json.loads((first / HISTORY_FILE).read_text())
+    seen_history = torch.load(first / STATE_FILE, weights_only=True)["history"]
     seen_step = split_history(seen_history)[0][-1]["step"]
     for worker in workers:
         os.kill(worker.pid, signal.SIGKILL)
@@ -305,7 +309,8 @@ def test_killed_worker_resumes_from_last_checkpoint(data_root, tmp_path):
     assert "error" not in outcome, outcome.get("error")
     result = outcome["result"]
     assert result.error is None
-    state, history = load_checkpoint_state(result.checkpoint)
+    state = load_checkpoint_state(result.checkpoint)
+    history = state["history"]
     assert 0 < seen_step < total
     assert state["step"] == total
     check_history(history, params)
@@ -342,7 +347,7 @@ def test_s3_prepare_train_and_resume(data_root, s3_server):
         train={"storage_path": s3_server.uri("runs"), "run_name": "s3"},
     )
     # Photo names chosen through the split rule itself, so every split gets photos.
-    wanted = {"train": 12, "val": 1, "test": 1}
+    wanted = {"train": 8, "val": 1, "test": 1}
     names: dict[str, list[str]] = {split: [] for split in wanted}
     index = 0
     while any(len(names[s]) < n for s, n in wanted.items()):
@@ -357,21 +362,20 @@ def test_s3_prepare_train_and_resume(data_root, s3_server):
     assert {s: report["splits"][s]["images"] for s in wanted} == wanted
 
     result = build_trainer(params).fit()
-    state, history = load_checkpoint_state(result.checkpoint)
-    total = params.train.epochs * params.train.steps_per_epoch
+    state = load_checkpoint_state(result.checkpoint)
+    total = params.train.epochs * steps_per_epoch(params)
     assert state["step"] == total
-    check_history(history, params)
-    assert result.checkpoint.path.startswith(f"{s3_server.bucket}/runs/{run_name(params)}/")
-    listing = s3_server.client.list_objects_v2(
-        Bucket=s3_server.bucket, Prefix=f"runs/{run_name(params)}/"
-    )
+    check_history(state["history"], params)
+    name = run_identity(params)
+    assert result.checkpoint.path.startswith(f"{s3_server.bucket}/runs/{name}/")
+    listing = s3_server.client.list_objects_v2(Bucket=s3_server.bucket, Prefix=f"runs/{name}/")
     keys = [item["Key"] for item in listing.get("Contents", [])]
     stored = {k.split("/")[2] for k in keys if k.endswith(f"/{STATE_FILE}")}
     assert len(stored) == min(params.train.epochs, 2)  # CheckpointConfig(num_to_keep=2)
-    assert all(f"runs/{run_name(params)}/{c}/{HISTORY_FILE}" in keys for c in stored)
+    assert all(f"runs/{name}/{c}/{SAMPLES_FILE}" in keys for c in stored)
     assert not (Path.cwd() / "s3:").exists()  # nothing went to a local folder named like a URI
 
     again = build_trainer(params).fit()
-    resumed_state, resumed_history = load_checkpoint_state(again.checkpoint)
-    assert resumed_state["step"] == total
-    assert resumed_history == history  # read back from the bucket, not retrained
+    resumed = load_checkpoint_state(again.checkpoint)
+    assert resumed["step"] == total
+    assert resumed["history"] == state["history"]  # read back from the bucket, not retrained

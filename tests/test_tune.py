@@ -347,7 +347,7 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory, ray_local) -> Path:
     root = tmp_path_factory.mktemp("project")
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["data"].update(crops_per_image=8, out_dir=str(root / "data" / "prepared"))
-    raw["masks"].update(pool_size=50, eval_per_bin=2, out=str(root / "data" / "masks.npz"))
+    raw["masks"].update(pool_size=50, out=str(root / "data" / "masks.npz"))
     params = load_params(REPO / "params.yaml", {k: raw[k] for k in ("data", "masks")})
     prepare(DataParams(**vars(params.data)))
     make_masks(MaskParams(**vars(params.masks)), params.data.image_size)
