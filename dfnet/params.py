@@ -22,6 +22,7 @@ from dfnet.model import DFNet, FusionMode, build_model
 class CorpusParams:
     """The embedded default's photos: real photographs from Debian packages (no install)."""
 
+    source: str = "debian"  # debian (the packages of photo-corpus.md) | sample (bundled photos, offline, fast)
     out_dir: str = "data/corpus"  # photos/ (the prepare stage's folder source), report.json
     manifest: str = "docs/corpus-manifest.tsv"  # every photo: package, path inside, licence, sha256
     download_dir: str = "data/debs"  # downloaded .deb files, kept so a rerun downloads nothing
