@@ -34,6 +34,7 @@ class PhotoCrops(Dataset):
         crops_per_photo: int = 1,
         seed: int = 0,
         max_zoom_out: float = 2.0,
+        cache_mb: int = 2048,
     ) -> None:
         if not photos:
             raise ValueError("no training photos: run the prepare stage (is the train split empty?)")
@@ -46,6 +47,11 @@ class PhotoCrops(Dataset):
         self.seed = seed
         self.max_zoom_out = max_zoom_out
         self.epoch = 0
+        # Decoding a stored 512 px JPEG costs more than the crop, the mask and the copy together,
+        # so decoded photos are kept, up to a budget (a corpus of 360 photos takes ~500 MB).
+        self.cache_bytes = cache_mb * 2**20
+        self._decoded: dict[int, np.ndarray] = {}
+        self._cached_bytes = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Draw this epoch's crops and masks (call before iterating; loaders copy the dataset)."""
@@ -56,14 +62,24 @@ class PhotoCrops(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         photo = index % len(self.photos)
-        image, reason = try_decode_image(self.photos[photo])
-        if image is None:  # prepare stores only decodable photos; this is a corrupted shard
-            raise ValueError(f"training photo {photo} is unreadable: {reason}")
+        image = self._photo(photo)
         rng = np.random.default_rng([self.seed, self.epoch, index])
         crop = train_crop(image, self.size, rng, self.max_zoom_out)
         mask = training_mask(self.mask_pool, rng)
         image_t = torch.from_numpy(crop).permute(2, 0, 1).float().div(255)
         return image_t, torch.from_numpy(mask)[None], photo
+
+
+    def _photo(self, photo: int) -> np.ndarray:
+        if photo in self._decoded:
+            return self._decoded[photo]
+        image, reason = try_decode_image(self.photos[photo])
+        if image is None:  # prepare stores only decodable photos; this is a corrupted shard
+            raise ValueError(f"training photo {photo} is unreadable: {reason}")
+        if self._cached_bytes + image.nbytes <= self.cache_bytes:
+            self._decoded[photo] = image
+            self._cached_bytes += image.nbytes
+        return image
 
 
 def training_loader(
