@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from dfnet.data import filesystem_for, read_split, resize_short_side, try_decode_image
+from dfnet.evaluation import validation_scores
 from dfnet.losses import DFNetLoss
 from dfnet.masks import load_masks
 from dfnet.model import DFNet
@@ -37,6 +38,10 @@ from dfnet.train_data import set_epoch, training_loader
 
 log = logging.getLogger("dfnet.training")
 
+# How and where a run executes, and how long: not part of its identity (more epochs extend it).
+_NOT_IDENTITY = (
+    "epochs", "resume", "max_failures", "num_workers", "use_gpu", "storage_path", "out_dir", "loader_workers",
+)  # fmt: skip
 #: A training run's resumable state: model, optimizer, scheduler, step, epoch, history, extra.
 State = dict[str, Any]
 #: Called at the end of every epoch on every rank with (metrics, state); rank 0's state is the
@@ -149,8 +154,8 @@ def run_identity(params: Params) -> str:
     Not part of it: how and where it runs, and how long (raising `epochs` extends the run).
     """
     relevant = {k: params.to_dict()[k] for k in ("data", "masks", "model", "loss", "train")}
-    for volatile in ("epochs", "resume", "max_failures", "num_workers", "use_gpu", "storage_path", "out_dir", "loader_workers"):
-        relevant["train"].pop(volatile)
+    for key in _NOT_IDENTITY:
+        relevant["train"].pop(key)
     relevant["versions"] = {"code": code_version(), "data": data_version(params)}
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
     return f"{params.train.run_name}-{digest}"
@@ -215,7 +220,9 @@ def train(
         crops_per_photo=t.crops_per_photo, seed=t.seed, rank=rank, world=world,
         workers=t.loader_workers, max_zoom_out=t.max_zoom_out,
     )  # fmt: skip
-    val_keys, val_photos = load_photos(params.data.out_dir, "val", t.val_short_side, t.val_max_photos) if rank == 0 else ([], [])
+    val_keys, val_photos = ([], [])
+    if rank == 0:  # the other ranks report no metrics
+        val_keys, val_photos = load_photos(params.data.out_dir, "val", t.val_short_side, t.val_max_photos)
     steps_per_epoch = len(loader)
     log.info(
         "[rank %d] %d training photos × %d crops → %d steps per epoch of %d, %d validation photos",
@@ -252,12 +259,13 @@ def train(
         state["epoch"] = epoch + 1
         metrics: dict[str, float] = {"step": state["step"], "epoch": epoch, "loss": losses.get("total", float("nan"))}
         if rank == 0 and val_photos:
-            from dfnet.evaluation import validation_scores
-
-            scores = validation_scores(bare, val_photos, val_keys, t.val_short_side, params.evaluate.band_width, params.evaluate.mask_seed)
-            metrics.update({f"val_{k}": v for k, v in scores.items()})
-            state["history"].append({"step": state["step"], "epoch": epoch, **{k: v for k, v in metrics.items() if k.startswith("val_")}})
-            log.info("epoch %d validation: %s", epoch, " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith("val_")))
+            scores = validation_scores(
+                bare, val_photos, val_keys, t.val_short_side, params.evaluate.band_width, params.evaluate.mask_seed
+            )
+            validation = {f"val_{k}": v for k, v in scores.items()}
+            metrics.update(validation)
+            state["history"].append({"step": state["step"], "epoch": epoch, **validation})
+            log.info("epoch %d validation: %s", epoch, " ".join(f"{k}={v:.3f}" for k, v in validation.items()))
         state.update(model=bare.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
         state["samples"] = sample_grid(bare, images, masks, rows=params.evaluate.grid_rows) if rank == 0 else None
         if on_epoch:
@@ -302,7 +310,9 @@ def main(argv: list[str] | None = None) -> None:
     run_dir = Path(args.run_dir) / run_identity(params)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = run_dir / "state.pt"
-    resume = torch.load(checkpoint, map_location=args.device, weights_only=True) if params.train.resume and checkpoint.exists() else None
+    resume = None
+    if params.train.resume and checkpoint.exists():
+        resume = torch.load(checkpoint, map_location=args.device, weights_only=True)
 
     def save(metrics: dict[str, float], state: State) -> None:
         torch.save(checkpoint_state(state), run_dir / "state.tmp")

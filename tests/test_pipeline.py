@@ -23,24 +23,26 @@ import numpy as np
 import pytest
 import yaml
 
-from dfnet.data import decode_png_batch, read_split
+from dfnet.data import decode_image, read_split
+from dfnet.evaluation import METRICS, bin_label
 from dfnet.inpaint import Inpainter
-from dfnet.masks import HOLE_BINS, load_masks
-from pipelines.evaluate import METRICS, bin_label
+from dfnet.masks import HOLE_BINS, evaluation_masks
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "masks", "train", "evaluate", "register")
+STAGES = ("corpus", "prepare", "masks", "train", "evaluate", "register")
 METHODS = ("dfnet", "untrained", "telea", "ns")
 TINY = {
-    "data": {"source": "sample", "image_size": 64, "crops_per_image": 4},
+    "corpus": {"source": "sample"},  # the bundled photos: the Debian download is not for tests
+    "data": {"image_size": 64, "store_short_side": 128},
     "masks": {"pool_size": 50},
     "model": {"preset": "small"},
     "loss": {"p": 4, "q": 2, "texture_fallback": "off"},
-    "train": {"epochs": 2, "steps_per_epoch": 3, "batch_size": 4, "num_workers": 1},
-    "evaluate": {"pairs_per_bin": 4, "grid_rows": 2},
-}
+    "train": {"epochs": 2, "crops_per_photo": 2, "batch_size": 4, "num_workers": 1,
+              "bn_recalibration_batches": 2, "val_short_side": 64, "val_max_photos": 2},
+    "evaluate": {"sizes": [64, 128], "max_photos": 2, "grid_rows": 2},
+}  # fmt: skip
 
 
 class Repo:
@@ -112,12 +114,20 @@ def test_repro_runs_every_stage_and_writes_eval_metrics(repo, first_repro):
     evaluation = json.loads((repo.root / "metrics/eval.json").read_text())
     labels = [bin_label(b) for b in range(len(HOLE_BINS))]
     for method in METHODS:
-        for label in labels:
-            scores = evaluation[method][label]
-            assert all(np.isfinite(scores[m]) for m in METRICS), (method, label, scores)
+        for size in TINY["evaluate"]["sizes"]:
+            for label in labels:  # whole held-out photos at both sizes, every bin
+                scores = evaluation[method][str(size)][label]
+                assert all(np.isfinite(scores[m]) for m in METRICS), (method, size, label, scores)
         assert set(evaluation[method]["mean"]) == set(METRICS)
     train = json.loads((repo.root / "metrics/train.json").read_text())
-    assert train["steps"] == TINY["train"]["epochs"] * TINY["train"]["steps_per_epoch"]
+    photos = read_split(str(repo.root / "data/prepared"), "train").num_rows
+    t = TINY["train"]
+    assert train["steps"] == t["epochs"] * (photos * t["crops_per_photo"] // t["batch_size"])
+    corpus = json.loads((repo.root / "data/corpus/report.json").read_text())
+    assert corpus["total_photos"] == photos + sum(
+        read_split(str(repo.root / "data/prepared"), s).num_rows for s in ("val", "test")
+    )
+    assert (repo.root / "docs/corpus-manifest.tsv").read_text().count("\n") == corpus["total_photos"] + 1
     assert (repo.root / "models/dfnet/model.safetensors").is_file()
     assert (repo.root / "dvc.lock").is_file()
 
@@ -174,12 +184,12 @@ def test_evaluation_param_change_reruns_only_evaluate_and_register(repo, first_r
     before = json.loads((repo.root / "metrics/register.json").read_text())
     model_bytes = (repo.root / "models/dfnet/model.safetensors").read_bytes()
     params = repo.params()
-    params["evaluate"]["pairs_per_bin"] = TINY["evaluate"]["pairs_per_bin"] - 1
+    params["evaluate"]["max_photos"] = TINY["evaluate"]["max_photos"] - 1
     repo.write_params(params)
 
     ran, skipped, output = repo.repro()
     assert ran == ["evaluate", "register"], output[-3000:]
-    assert {"prepare", "masks", "train"} <= set(skipped), output[-3000:]
+    assert {"corpus", "prepare", "masks", "train"} <= set(skipped), output[-3000:]
     after = json.loads((repo.root / "metrics/register.json").read_text())
     assert int(after["version"]) == int(before["version"]) + 1
     assert (repo.root / "models/dfnet/model.safetensors").read_bytes() == model_bytes
@@ -192,10 +202,9 @@ def test_champion_from_registry_matches_the_trained_model(repo, first_repro):
     registration = json.loads((repo.root / "metrics/register.json").read_text())
     name, alias = registration["name"], repo.params()["register"]["alias"]
     test = read_split(str(repo.root / "data/prepared"), "test")
-    images = decode_png_batch(test.column("image").to_pylist()[:3])
-    known = load_masks(repo.root / "data/masks.npz")["eval_bin3"]
-    holes = np.stack([(1 - known[i % len(known)]) * 255 for i in range(len(images))])
-    holes = holes.astype(np.uint8)
+    images = decode_image(test.column("image")[0].as_py())[None]  # one whole held-out photo
+    known = evaluation_masks(1, *images.shape[1:3], seed=0)[3]
+    holes = ((1 - known) * 255).astype(np.uint8)
 
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(repo.tracking_uri)

@@ -1,7 +1,8 @@
-"""bench/quality.py: the quality report's training + evaluation on a tiny budget, and its maths.
+"""bench/quality.py: the quality report end to end on a tiny budget, and its statistics.
 
-The end-to-end test prepares its own tiny data set (2 crops per sample photo, 20 pool masks,
-2 evaluation masks per bin) in tmp, never the repository's data/.
+The end-to-end test writes its own tiny prepared data (a few small synthetic photos per split and
+a 64² mask pool) in tmp, never the repository's data/, and needs no Ray: training runs through
+`dfnet.training.train` in this process.
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
-from dfnet.masks import HOLE_BINS
-from dfnet.params import load_params
+from dfnet.evaluation import METRICS, bin_label
+from dfnet.masks import HOLE_BINS, mask_pool, save_masks
 
 ROOT = Path(__file__).resolve().parents[1]
+LABELS = [bin_label(b) for b in range(len(HOLE_BINS))]
+SIZES = [64, 128]
 
 
 def _load_quality():
@@ -32,125 +37,134 @@ def _load_quality():
 
 
 quality = _load_quality()
-LABELS = [quality.bin_label(b) for b in range(len(HOLE_BINS))]
-NUMBER = re.compile(r"^(\*\*)?-?\d+\.\d+(\*\*)?( ± \d+\.\d+)?$")
+TRAINED = [v.name for v in quality.VARIANTS]
+METHODS = TRAINED + list(quality.BASELINES)
 
 
-def _table_rows(markdown: str) -> tuple[list[str], dict[str, dict[str, list[str]]]]:
-    """(method names, {metric title: {bin label: cells}}) of the report's results table."""
-    section = markdown.split("## Results per hole-ratio bin", 1)[1].split("\n## ", 1)[0]
-    lines = [line for line in section.splitlines() if line.startswith("|")]
-    header = [c.strip().strip("`") for c in lines[0].strip("|").split("|")][1:]
-    blocks: dict[str, dict[str, list[str]]] = {}
-    current = None
-    for line in lines[2:]:
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if cells[0].startswith("**"):
-            current = cells[0].strip("*")
-            blocks[current] = {}
-        else:
-            blocks[current][cells[0]] = cells[1:]
-    return header, blocks
+def _photos(count: int, seed: int) -> list[np.ndarray]:
+    """Smooth colour waves of a few aspect ratios: photo-like enough for every method to run."""
+    rng = np.random.default_rng(seed)
+    photos = []
+    for i in range(count):
+        height, width = (80, 112) if i % 2 else (96, 96)
+        y, x = np.mgrid[0:height, 0:width] / 16.0
+        phase = rng.uniform(0, 6)
+        waves = [np.sin(x + phase), np.cos(y - phase), np.sin(x + y + 2 * phase)]
+        photos.append((127 + 100 * np.stack(waves, axis=2)).astype(np.uint8))
+    return photos
 
 
-def test_quality_report_lists_every_method_in_every_bin(ray_local, tmp_path):
-    from pipelines.make_masks import make_masks
-    from pipelines.prepare import prepare
+def _report_tables(markdown: str) -> dict[str, tuple[list[str], dict[str, dict[str, list[str]]]]]:
+    """{size: (method columns, {metric title: {bin label: cells}})} of the report's results tables."""
+    section = markdown.split("## Results", 1)[1].split("\n## ", 1)[0]
+    tables = {}
+    for block in section.split("### ")[1:]:
+        size = block.split(" px short side", 1)[0]
+        lines = [line for line in block.splitlines() if line.startswith("|")]
+        header = [c.strip().strip("`") for c in lines[0].strip("|").split("|")][1:]
+        rows: dict[str, dict[str, list[str]]] = {}
+        for line in lines[2:]:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if cells[0].startswith("**"):
+                current = rows.setdefault(cells[0].strip("*"), {})
+            else:
+                current[cells[0]] = cells[1:]
+        tables[size] = (header, rows)
+    return tables
 
-    # params.yaml's model, loss and training settings; tiny data of this test's own.
-    params = load_params(
-        ROOT / "params.yaml",
-        {
-            "data": {"crops_per_image": 2, "shard_rows": 64, "out_dir": str(tmp_path / "data")},
-            "masks": {"pool_size": 20, "eval_per_bin": 2, "out": str(tmp_path / "masks.npz")},
-            "evaluate": {"pairs_per_bin": 2},
-        },
-    )
-    prepare(params.data)
-    make_masks(params.masks, params.data.image_size)
+
+def test_report_covers_every_method_bin_and_size_with_the_runs_numbers(tmp_path: Path, prepared_split) -> None:
+    data = tmp_path / "prepared"
+    for split, count in {"train": 8, "val": 2, "test": 2}.items():
+        prepared_split(data, split, _photos(count, seed=len(split)))
+    (data / "report.json").write_text(json.dumps({"source": "synthetic test photos"}))  # run identity hashes it
+    save_masks(tmp_path / "masks.npz", {"pool": mask_pool(30, 64, 64, seed=0)})
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())  # params.yaml's model and loss
+    raw["data"].update(out_dir=str(data), image_size=64)
+    raw["masks"]["out"] = str(tmp_path / "masks.npz")
+    raw["train"].update(batch_size=4, bn_recalibration_batches=1, val_short_side=64)
+    raw["evaluate"].update(sizes=SIZES, max_photos=0, grid_rows=2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     out = tmp_path / "docs" / "results.md"
-    # One thread: on a CPU shared with other tests, two threads wait on each other at every op.
-    budget = quality.Budget(steps=3, batch=4, seeds=2)
-    summary = quality.run_quality(
-        params, budget, out, command="python bench/quality.py -x", threads=1
-    )
+    argv = ["--params", str(tmp_path / "params.yaml"), "--epochs", "1", "--crops-per-photo", "1",
+            "--seeds", "2", "--device", "cpu", "--threads", "1", "--out", str(out)]  # fmt: skip
 
-    methods = [v.name for v in quality.VARIANTS] + list(quality.BASELINES)
+    summary = quality.main(argv)
+
+    stored = json.loads((tmp_path / "docs" / "results" / "quality.json").read_text())
+    assert stored["results"] == summary["results"] and stored["seeds"] == [0, 1]
     text = out.read_text()
-    header, blocks = _table_rows(text)
-    assert header == methods
-    assert set(blocks) == {quality.METRIC_TITLES[m] for m in quality.METRICS}  # no FID here
-    for metric, rows in blocks.items():
-        assert list(rows) == LABELS, metric
-        for label, cells in rows.items():
-            assert len(cells) == len(methods), (metric, label)
-            assert all(NUMBER.match(c) for c in cells), (metric, label, cells)
-            # Two seeds: every trained method carries a spread, the deterministic ones do not.
-            assert all("±" in c for c in cells[: len(quality.VARIANTS)])
-            assert not any("±" in c for c in cells[len(quality.VARIANTS) :])
+    tables = _report_tables(text)
+    assert sorted(tables, key=int) == [str(s) for s in SIZES]
+    for size, (header, rows) in tables.items():
+        assert header == METHODS
+        assert list(rows) == [quality.TITLES[m] for m in METRICS]
+        for metric, title in zip(METRICS, rows):
+            assert list(rows[title]) == LABELS, (size, metric)
+            for label, cells in rows[title].items():
+                for name, shown in zip(METHODS, cells, strict=True):
+                    entry = stored["results"][name][size][label][metric]
+                    # The table is the JSON's numbers, and the JSON holds one value per seed.
+                    assert shown.replace("**", "") == quality.cell(entry, metric), (size, metric, label, name)
+                    assert len(entry["values"]) == (2 if name in TRAINED else 1)
+                    assert entry["mean"] == pytest.approx(np.mean(entry["values"]))
+                    assert all(math.isfinite(v) for v in entry["values"])
+    # Two seeds really trained two different models of each variant.
+    for name in TRAINED:
+        cells = [e for bins in stored["results"][name].values() for scores in bins.values() for e in scores.values()]
+        assert any(e["values"][0] != e["values"][1] for e in cells), name
 
-    assert "`python bench/quality.py -x`" in text and "Wall time:" in text
+    methods = stored["methods"]
+    assert (methods["dfnet"]["fusion"], methods["dfnet"]["pq"]) == ("blend", [raw["loss"]["p"], raw["loss"]["q"]])
+    assert methods["dfnet"]["fusion_blocks"] > 1 and methods["dfnet-1blk"]["fusion_blocks"] == 1
+    assert methods["dfnet-1blk"]["pq"] == [1, 1]
+    assert (methods["hard"]["fusion"], methods["unet"]["fusion"]) == ("hard", "none")
+    assert all(methods[n]["steps"] == 2 for n in TRAINED)  # 8 photos × 1 crop / batch 4
+    assert f"`python bench/quality.py {' '.join(argv)}`" in text and "wall time" in text
+    assert quality.cpu_name() in text and "synthetic test photos" in text
+    for claim, winner, loser in quality.CLAIMS:
+        assert f"| {claim} | `{winner}` vs `{loser}` |" in text
     figures = re.findall(r"\]\((results/[^)]+\.png)\)", text)
-    assert {Path(f).name for f in figures} >= {"metrics.png", "grid.png", "alphas.png"}
+    assert {Path(f).name for f in figures} == {"grid.png", "alphas.png"}
     for figure in figures:
         with Image.open(out.parent / figure) as image:
-            assert image.format == "PNG" and image.width > 100
-
-    stored = json.loads((out.parent / "results" / "quality.json").read_text())
-    assert stored["results"] == summary["results"]
-    assert stored["budget"]["steps"] == 3 and stored["seeds"] == [0, 1]
-    trained = {v.name for v in quality.VARIANTS}
-    for name in methods:
-        for label in LABELS:
-            for metric in quality.METRICS:
-                entry = stored["results"][name][label][metric]
-                assert math.isfinite(entry["mean"])
-                assert len(entry["values"]) == (2 if name in trained else 1)
-    # The single-scale variants really have one fusion block; DFNet has the preset's.
-    assert stored["methods"]["dfnet"]["pq"] == [params.loss.p, params.loss.q]
-    for name in ("dfnet-1blk", "hard", "unet"):
-        assert stored["methods"][name]["pq"] == [1, 1]
-        assert stored["methods"][name]["parameters"] < stored["methods"]["dfnet"]["parameters"]
+            assert image.format == "PNG" and image.width > 200
 
 
-def test_build_variant_fusion_and_levels():
-    params = load_params(ROOT / "params.yaml")
-    built = {v.name: quality.build_variant(params, v) for v in quality.VARIANTS}
-    assert built["dfnet"].config.fusion == "blend" and len(built["dfnet"].fusion) > 1
-    assert built["dfnet-1blk"].config.fusion == "blend" and len(built["dfnet-1blk"].fusion) == 1
-    assert built["hard"].config.fusion == "hard" and built["hard"].fusion[0].blend is None
-    assert built["unet"].config.fusion == "none" and built["unet"].fusion[0].blend is None
+def test_variants_change_one_thing_each() -> None:
+    base = quality.load_params(ROOT / "params.yaml")
+    built = {v.name: v.params(base, seed=7) for v in quality.VARIANTS}
+    assert all(p.train.seed == 7 for p in built.values())
+    assert built["dfnet"].model == base.model and built["dfnet"].loss == base.loss
+    one = built["dfnet-1blk"]
+    assert (one.model.fusion, one.model.fusion_levels, one.loss.p, one.loss.q) == ("blend", 1, 1, 1)
+    for name, fusion in (("hard", "hard"), ("unet", "none")):
+        assert built[name].model.fusion == fusion and built[name].loss == base.loss
+        assert built[name].model.fusion_levels == base.model.fusion_levels
 
 
-def test_aggregate_mean_sample_std_and_missing_values():
-    runs = [{"0-10%": {"l1": 1.0, "fid": None}}, {"0-10%": {"l1": 3.0, "fid": 5.0}}]
-    out = quality.aggregate(runs)["0-10%"]
-    assert out["l1"]["mean"] == pytest.approx(2.0)
-    assert out["l1"]["std"] == pytest.approx(math.sqrt(2.0))  # sample std of {1, 3}
-    assert out["fid"]["mean"] is None  # missing in one seed -> not averaged
-    single = quality.aggregate([{"0-10%": {"l1": 4.0}}])["0-10%"]["l1"]
-    assert single["mean"] == 4.0 and single["std"] is None
+def _entry(values: list[float]) -> dict:
+    return {"mean": float(np.mean(values)), "std": None, "values": values}
 
 
-def _entry(values):
-    return {"mean": sum(values) / len(values), "std": None, "values": values}
+def test_aggregate_takes_mean_and_sample_std_over_seeds() -> None:
+    runs = [{"64": {"0-10%": dict.fromkeys(METRICS, 1.0)}}, {"64": {"0-10%": dict.fromkeys(METRICS, 3.0)}}]
+    out = quality.aggregate(runs)["64"]["0-10%"]["l1"]
+    assert out["mean"] == pytest.approx(2.0) and out["std"] == pytest.approx(math.sqrt(2.0))
+    assert quality.aggregate(runs[:1])["64"]["0-10%"]["l1"]["std"] is None
 
 
-def test_compare_and_verdict_follow_metric_direction_and_seeds():
-    labels = LABELS
-    table = {
-        # a beats c in every bin and seed on l1 (lower); b beats c by the mean only.
-        "a": {lb: {"l1": _entry([1.0, 1.0]), "psnr": _entry([30.0, 30.0])} for lb in labels},
-        "b": {lb: {"l1": _entry([0.5, 2.5]), "psnr": _entry([20.0, 20.0])} for lb in labels},
-        "c": {lb: {"l1": _entry([2.0]), "psnr": _entry([25.0])} for lb in labels},
-    }
-    assert quality.compare(table, "a", "c", "l1") == (5, 5, 5)
+def test_compare_and_verdict_follow_metric_direction_and_seeds() -> None:
+    def table(l1: list[float], psnr: list[float]) -> dict:
+        return {"64": {label: {"l1": _entry(l1), "psnr": _entry(psnr)} for label in LABELS}}
+
+    # a beats c in every bin and seed; b beats c on l1 by the mean only; c is deterministic.
+    results = {"a": table([1.0, 1.0], [30.0, 30.0]), "b": table([0.5, 2.5], [20.0, 20.0]), "c": table([2.0], [25.0])}
+    assert quality.compare(results, "a", "c", "l1") == (5, 5, 5)
     assert quality.verdict(5, 5, 5, seeds=2) == "holds"
-    by_mean, every, bins = quality.compare(table, "b", "c", "l1")
-    assert (by_mean, every) == (5, 0)
-    assert quality.verdict(by_mean, every, bins, seeds=2).startswith("holds on average")
-    # Higher PSNR is better: a wins, b loses.
-    assert quality.compare(table, "a", "c", "psnr")[0] == 5
-    assert quality.compare(table, "b", "c", "psnr")[0] == 0
+    assert quality.compare(results, "b", "c", "l1") == (5, 0, 5)
+    assert quality.verdict(5, 0, 5, seeds=2).startswith("holds on average")
+    assert quality.compare(results, "a", "c", "psnr")[0] == 5  # higher PSNR is better
+    assert quality.compare(results, "b", "c", "psnr")[0] == 0
     assert quality.verdict(0, 0, 5, seeds=2) == "does not hold"
     assert quality.verdict(3, 1, 5, seeds=2) == "mostly holds"
