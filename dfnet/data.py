@@ -33,6 +33,7 @@ __all__ = [
     "encode_jpeg",
     "encode_png",
     "filesystem_for",
+    "load_photos",
     "quota_splits",
     "resize_short_side",
     "read_split",
@@ -386,6 +387,19 @@ def read_split(root: str, split: str, filesystem: pafs.FileSystem | None = None)
         raise FileNotFoundError(f"no Parquet shards in {directory}; run the prepare stage first")
     tables = [pq.read_table(p, filesystem=filesystem, schema=PARQUET_SCHEMA) for p in paths]
     return pa.concat_tables(tables)
+
+
+def load_photos(data_dir: str, split: str, short_side: int, limit: int = 0) -> tuple[list[str], list[np.ndarray]]:
+    """(keys, photos) of a prepared split, decoded and scaled to `short_side` (evenly spaced
+    subset of `limit` photos when `limit` > 0)."""
+    table = read_split(data_dir, split)
+    keys, blobs = table.column("key").to_pylist(), table.column("image").to_pylist()
+    picks = range(len(keys))
+    if 0 < limit < len(keys):
+        picks = np.linspace(0, len(keys) - 1, limit).round().astype(int).tolist()
+    photos = [resize_short_side(try_decode_image(blobs[i])[0], short_side) for i in picks]
+    return [keys[i] for i in picks], photos
+
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,13 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from dfnet.data import filesystem_for, read_split, resize_short_side, try_decode_image
+from dfnet.data import filesystem_for, load_photos
 from dfnet.evaluation import validation_scores
 from dfnet.losses import DFNetLoss
 from dfnet.masks import load_masks
@@ -115,18 +114,6 @@ def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, batches: int, de
     model.train(was_training)
     for m, momentum in zip(norms, saved):
         m.momentum = momentum
-
-
-def load_photos(data_dir: str, split: str, short_side: int, limit: int = 0) -> tuple[list[str], list[np.ndarray]]:
-    """(keys, photos) of a prepared split, decoded and scaled to `short_side` (evenly spaced
-    subset of `limit` photos when `limit` > 0)."""
-    table = read_split(data_dir, split)
-    keys, blobs = table.column("key").to_pylist(), table.column("image").to_pylist()
-    picks = range(len(keys))
-    if 0 < limit < len(keys):
-        picks = np.linspace(0, len(keys) - 1, limit).round().astype(int).tolist()
-    photos = [resize_short_side(try_decode_image(blobs[i])[0], short_side) for i in picks]
-    return [keys[i] for i in picks], photos
 
 
 def code_version() -> str:

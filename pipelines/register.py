@@ -3,7 +3,8 @@
     python -m pipelines.register [--params params.yaml]
 
 Logs `train.out_dir` as version N of `register.model_name` and moves `register.alias` to it when
-its mean evaluation metric (`register.metric`, lower is better) beats the current champion's.
+its evaluation metric (`register.metric`, the mean over every size and bin of eval.json) beats the
+current champion's in that metric's direction: lower l1/BPE, higher PSNR/SSIM.
 """
 
 from __future__ import annotations

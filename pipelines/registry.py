@@ -4,7 +4,8 @@ A registered version is an MLflow pyfunc whose artifact is the model directory
 (config.json + model.safetensors), so both styles work:
 `mlflow.pyfunc.load_model("models:/dfnet@champion").predict({"image": ..., "mask": ...})` and
 `download_registered_model("models:/dfnet@champion")` → a directory for `Inpainter`/`DFNet`.
-Each version carries its evaluation metric as a tag; the alias moves only to a better one.
+Each version carries its evaluation metric as a tag; the alias moves only to a better one, in the
+metric's own direction (`dfnet.evaluation.better`: lower l1/BPE, higher PSNR/SSIM).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import mlflow
 import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+
+from dfnet.evaluation import better
 
 log = logging.getLogger("dfnet.registry")
 ARTIFACT_KEY = "model_dir"
@@ -79,11 +82,11 @@ def register_model(
     alias: str,
     metric: str,
     value: float,
-    lower_is_better: bool = True,
     run_id: str | None = None,
 ) -> Registration:
     """Log `model_dir` as a pyfunc, register it as a new version of `name`, and point `alias`
-    at it when `value` beats the current holder of the alias (or there is none).
+    at it when `value` beats the current holder of the alias (or there is none) on `metric`,
+    compared in that metric's direction.
 
     Logs into `run_id` if given, else into the active run, else a new run.
     """
@@ -98,8 +101,8 @@ def register_model(
     client.set_model_version_tag(name, version, METRIC_TAG_PREFIX + metric, str(value))
 
     previous = champion_metric(name, alias, metric)
-    better = previous is None or (value < previous if lower_is_better else value > previous)
-    if better:
+    promoted = previous is None or better(metric, value, previous)
+    if promoted:
         client.set_registered_model_alias(name, alias, version)
     log.info(
         "registered %s version %s (%s=%.4f); %s %s",
@@ -107,10 +110,10 @@ def register_model(
         version,
         metric,
         value,
-        "now" if better else "not",
+        "now" if promoted else "not",
         f"@{alias} (previous {previous})",
     )
-    return Registration(name, str(version), better, metric, value, previous)
+    return Registration(name, str(version), promoted, metric, value, previous)
 
 
 def champion_metric(name: str, alias: str, metric: str) -> float | None:

@@ -1,9 +1,10 @@
 """The train stage through real Ray Train: checkpoints, export, resume, fault tolerance, S3, MLflow.
 
 Everything runs on tiny configurations (the `small` preset at 64², batch 4, a few steps, the
-library's one loop `dfnet.training.train` inside the workers) on the session's 2-CPU local Ray. Each `fit()` costs Ray Train's start-up (~10-25 s on a busy 2-core
-machine), so the runs are shared through module fixtures where a test only reads them; the
-worker-kill and S3 tests start their own runs and are marked slow.
+library's one loop `dfnet.training.train` inside the workers) on the session's 2-CPU local Ray.
+Each `fit()` costs Ray Train's start-up (~10-25 s on a busy 2-core machine), so the runs are
+shared through module fixtures where a test only reads them; the worker-kill and S3 tests start
+their own runs and are marked slow.
 """
 
 from __future__ import annotations

@@ -618,16 +618,17 @@ def finalize_children(
 def register_best(
     client: Any, row: TrialSummary, base: dict[str, Any], context: SearchContext
 ) -> dict[str, Any]:
-    """Export the best trial's best checkpoint, score it on the test pairs, register it.
+    """Export the best trial's best checkpoint, score it on the whole test photos, register it.
 
-    The registry compares versions on `register.metric` (mean BPE over the hole-ratio bins of the
-    fixed test pairs, as the DVC `evaluate`/`register` stages do), never on `val_score`: a tuned
-    model then competes with a pipeline-trained champion on the same footing.
+    The registry compares versions on `register.metric` (its mean over the sizes and hole-ratio
+    bins of the fixed whole-photo test pairs, as the DVC `evaluate`/`register` stages do), never on
+    `val_score`: a tuned model then competes with a pipeline-trained champion on the same footing.
     """
     import ray.train
 
+    from dfnet.evaluation import dfnet_method
     from dfnet.model import DFNet
-    from pipelines.evaluate import METRICS, dfnet_method, evaluate
+    from pipelines.evaluate import evaluate_heldout, overall_mean
     from pipelines.registry import register_model
     from pipelines.train import export_model, load_checkpoint_state
 
@@ -640,10 +641,8 @@ def register_best(
         )
         extra = {"tune_search": context.name, "tune_trial": row.trial_id, METRIC: row.best[METRIC]}
         model_dir = export_model(params, state, Path(tmp) / "model", extra=extra)
-        results, _ = evaluate(
-            params, {"dfnet": dfnet_method(DFNet.from_pretrained(model_dir).eval())}
-        )
-        test = {k: float(np.mean([v[k] for v in results["dfnet"].values()])) for k in METRICS}
+        model = DFNet.from_pretrained(model_dir)
+        test = overall_mean(evaluate_heldout(params, {"dfnet": dfnet_method(model)}).results["dfnet"])
         metric = params.register.metric
         registration = register_model(
             model_dir,
