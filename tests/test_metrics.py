@@ -273,20 +273,18 @@ def test_fid_never_pretends_with_missing_weights(tmp_path) -> None:
     assert result.reason
 
 
-def test_fid_weights_lookup_in_hub_cache(tmp_path) -> None:
-    previous = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path))
-    try:
-        path, reason = Mt._find_inception_weights(None)
-        assert path is None
-        assert str(tmp_path / "checkpoints") in reason and "offline" in reason
-        (tmp_path / "checkpoints").mkdir()
-        weights = tmp_path / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth"
-        weights.write_bytes(b"")
-        path, _ = Mt._find_inception_weights(None)
-        assert path == str(weights)
-    finally:
-        torch.hub.set_dir(previous)
+def test_fid_weights_lookup_in_hub_cache(tmp_path, monkeypatch) -> None:
+    # TORCH_HOME, not torch.hub.set_dir: set_dir would pin the folder for every later test.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    path, reason = Mt._find_inception_weights(None)
+    assert path is None
+    assert str(checkpoints) in reason and "offline" in reason
+    checkpoints.mkdir(parents=True)
+    weights = checkpoints / "pt_inception-2015-12-05-6726825d.pth"
+    weights.write_bytes(b"")
+    path, _ = Mt._find_inception_weights(None)
+    assert path == str(weights)
 
 
 def test_fid_rejects_bad_input() -> None:
