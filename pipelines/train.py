@@ -105,8 +105,12 @@ def build_trainer(params: Params, extra_config: dict[str, Any] | None = None) ->
     """The TorchTrainer for `params` (also used by tune/search.py, one trial per trainer)."""
     t = params.train
     cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    # Workers run in a folder of Ray's: relative local paths must point into this checkout.
+    worker_params = params.to_dict()
+    worker_params["data"]["out_dir"] = _absolute(params.data.out_dir)
+    worker_params["masks"]["out"] = _absolute(params.masks.out)
     config = {
-        "params": params.to_dict(),
+        "params": worker_params,
         "name": run_identity(params),
         "tracking_uri": params.mlflow.resolved_tracking_uri(),
         # Each worker reserves at most one logical CPU but computes with its share of the cores.
@@ -128,14 +132,14 @@ def build_trainer(params: Params, extra_config: dict[str, Any] | None = None) ->
         ),
         run_config=RunConfig(
             name=config["name"],
-            storage_path=_absolute_storage(t.storage_path),
+            storage_path=_absolute(t.storage_path),
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
 
 
-def _absolute_storage(path: str) -> str:
+def _absolute(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
@@ -213,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
 def _remove_run(storage_path: str, name: str) -> None:
     from dfnet.data import filesystem_for
 
-    fs, root = filesystem_for(_absolute_storage(storage_path))
+    fs, root = filesystem_for(_absolute(storage_path))
     target = f"{root.rstrip('/')}/{name}"
     if fs.get_file_info(target).type.name != "NotFound":
         fs.delete_dir(target)

@@ -76,7 +76,7 @@ def _check_tables(tables: dict[str, pa.Table], expected_split: dict[str, str], o
             expected = data.resize_short_side(data.decode_image(originals[row["key"]]), SIZE, upscale=False)
             image = data.decode_image(row["image"])
             assert image.shape == expected.shape and (row["height"], row["width"]) == expected.shape[:2]
-            assert np.abs(image.astype(int) - expected).mean() < 4  # JPEG, quality 95
+            assert np.abs(image.astype(int) - expected).mean() < 8  # JPEG q95 of noisy test photos
         seen_keys.update(table.column("key").to_pylist())
         keys = [r["key"] for r in rows]
         assert keys == sorted(keys)  # in key order: reruns write identical tables

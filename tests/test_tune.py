@@ -81,7 +81,7 @@ def test_smoke_section_overrides_the_full_search() -> None:
     assert smoke["search"]["num_samples"] < full["search"]["num_samples"]
     assert smoke["search"]["max_concurrent"] == 1
     params = load_params(REPO / "params.yaml", smoke["params"])
-    assert params.train.epochs * params.train.steps_per_epoch <= 20
+    assert params.train.epochs * params.train.crops_per_photo <= 10
     assert params.train.epochs >= 2  # ASHA needs a rung before the last epoch
 
 
@@ -346,7 +346,7 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory, ray_local) -> Path:
 
     root = tmp_path_factory.mktemp("project")
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["data"].update(crops_per_image=8, out_dir=str(root / "data" / "prepared"))
+    raw["data"].update(source="sample", store_short_side=128, out_dir=str(root / "data" / "prepared"))
     raw["masks"].update(pool_size=50, out=str(root / "data" / "masks.npz"))
     params = load_params(REPO / "params.yaml", {k: raw[k] for k in ("data", "masks")})
     prepare(DataParams(**vars(params.data)))

@@ -628,17 +628,16 @@ def register_best(
 
     from dfnet.evaluation import dfnet_method
     from dfnet.model import DFNet
+    from dfnet.training import export_model
     from pipelines.evaluate import evaluate_heldout, overall_mean
     from pipelines.registry import register_model
-    from pipelines.train import export_model, load_checkpoint_state
+    from pipelines.train import load_checkpoint_state
 
     assert row.best is not None
     params = apply_hyperparameters(base, row.config)
     uri = _join(context.best_root, row.trial_id, row.best["checkpoint"])
     with tempfile.TemporaryDirectory() as tmp:
-        state, _ = load_checkpoint_state(
-            ray.train.Checkpoint.from_directory(str(_local_copy(uri, Path(tmp))))
-        )
+        state = load_checkpoint_state(ray.train.Checkpoint.from_directory(str(_local_copy(uri, Path(tmp)))))
         extra = {"tune_search": context.name, "tune_trial": row.trial_id, METRIC: row.best[METRIC]}
         model_dir = export_model(params, state, Path(tmp) / "model", extra=extra)
         model = DFNet.from_pretrained(model_dir)
