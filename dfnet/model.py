@@ -163,6 +163,17 @@ class BlendBlock(nn.Module):
     def forward(self, known: Tensor, raw: Tensor) -> Tensor:
         return self.layers(torch.cat([known, raw], dim=1))
 
+    @torch.no_grad()
+    def start_alpha_at(self, alpha: float) -> None:
+        """Initialise the last layer so α starts near `alpha` everywhere (a training choice, not
+        the paper's: with zero-filled holes an α below 1 darkens the fill, and a network that
+        starts there learns an over-bright C_k against a per-channel α instead of the colour)."""
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        last = self.layers[6]
+        last.weight.mul_(0.1)
+        last.bias.fill_(float(torch.logit(torch.tensor(alpha))))
+
 
 class FusionBlock(nn.Module):
     """Turns decoder features F_k into an image Î_k = α_k ⊙ C_k + (1 − α_k) ⊙ I_k."""

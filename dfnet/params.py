@@ -53,10 +53,16 @@ class ModelParams:
     preset: str = "small"
     fusion: FusionMode = "blend"
     fusion_levels: int | None = None  # None = the preset's (ablation: 1 = a single fusion block)
+    alpha_init: float | None = None  # None = PyTorch's default init (the paper); e.g. 0.95: α starts near 1
 
     def build(self) -> DFNet:
         levels = {} if self.fusion_levels is None else {"fusion_levels": self.fusion_levels}
-        return build_model(self.preset, fusion=self.fusion, **levels)
+        model = build_model(self.preset, fusion=self.fusion, **levels)
+        if self.alpha_init is not None:
+            for block in model.fusion:
+                if block.blend is not None:
+                    block.blend.start_alpha_at(self.alpha_init)
+        return model
 
 
 @dataclass

@@ -217,3 +217,19 @@ def test_import_refuses_pickled_objects(tmp_path: Path) -> None:
     torch.save({"en_0.encode.0.conv.1.weight": torch.zeros(1), "payload": Path("/")}, path)
     with pytest.raises(Exception, match="(?i)weights.only|unsupported|global"):
         import_official_checkpoint(path, tmp_path / "out")
+
+
+def test_alpha_init_starts_every_blend_near_the_given_alpha() -> None:
+    from dfnet.params import ModelParams
+
+    torch.manual_seed(0)
+    image, mask = torch.rand(2, 3, 64, 64), (torch.rand(2, 1, 64, 64) > 0.3).float()
+    default = ModelParams(preset="small").build().eval()
+    started = ModelParams(preset="small", alpha_init=0.95).build().eval()
+    with torch.no_grad():
+        alphas = started(image, mask).alphas
+        default_alphas = default(image, mask).alphas
+    assert all(0.9 < float(a.mean()) < 0.99 and float(a.min()) > 0.8 for a in alphas)
+    assert all(abs(float(a.mean()) - 0.95) > 0.1 for a in default_alphas)  # the paper's init differs
+    with pytest.raises(ValueError):
+        ModelParams(preset="small", alpha_init=1.0).build()
