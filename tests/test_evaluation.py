@@ -234,6 +234,11 @@ def test_registry_promotes_a_higher_psnr_and_keeps_it_over_a_lower_one(tmp_path:
     monkeypatch.chdir(tmp_path)  # artifacts land here, never in the repository
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # MLflow keeps the active experiment and tracking URI process-wide: undo both afterwards, or a
+    # later test's fresh store is asked for this store's experiment.
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "")  # set_experiment exports it; undone afterwards
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(experiment_id=ensure_experiment(uri, "evaluation-test"))
     model_dir = build_model("small").save_pretrained(tmp_path / "model")

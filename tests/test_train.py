@@ -44,7 +44,7 @@ def tiny_params(root: Path, **sections: dict[str, Any]) -> Params:
     cannot make these tests slow; `sections` override further.
     """
     overrides: dict[str, dict[str, Any]] = {
-        "data": {"image_size": SIZE, "store_short_side": SIZE, "out_dir": str(root / "prepared")},
+        "data": {"source": "sample", "image_size": SIZE, "store_short_side": SIZE, "out_dir": str(root / "prepared")},
         "masks": {"pool_size": 20, "out": str(root / "masks.npz")},
         "model": {"preset": "small", "fusion": "blend"},
         "loss": {"p": 4, "q": 2, "texture_fallback": "off"},
