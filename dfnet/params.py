@@ -69,7 +69,7 @@ class ModelParams:
 class TrainParams:
     epochs: int = 8
     crops_per_photo: int = 8  # an epoch = one pass over this many fresh crops of every photo
-    max_zoom_out: float = 2.0  # crop windows of image_size × [1, this] stored pixels
+    max_zoom_out: float = 4.0  # crop windows of image_size × [1, this] stored pixels
     batch_size: int = 16  # per worker
     lr: float = 2e-3
     lr_decay_epochs: int = 5

@@ -33,7 +33,7 @@ class PhotoCrops(Dataset):
         size: int,
         crops_per_photo: int = 1,
         seed: int = 0,
-        max_zoom_out: float = 2.0,
+        max_zoom_out: float = 4.0,
         cache_mb: int = 2048,
     ) -> None:
         if not photos:
@@ -93,7 +93,7 @@ def training_loader(
     rank: int = 0,
     world: int = 1,
     workers: int = 0,
-    max_zoom_out: float = 2.0,
+    max_zoom_out: float = 4.0,
 ) -> DataLoader:
     """Batches of the training split for worker ``rank`` of ``world``.
 
