@@ -46,7 +46,6 @@ __all__ = [
     "evaluation_pairs",
     "mean_scores",
     "opencv_method",
-    "resize_short_side",
     "score",
     "validation_scores",
 ]
