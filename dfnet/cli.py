@@ -1,5 +1,6 @@
 """The `dfnet` command line.
 
+    dfnet inpaint --image IMG --mask MASK --out OUT            # the shipped pretrained model
     dfnet inpaint --model DIR --image IMG --mask MASK --out OUT
     dfnet inpaint --model DIR --image PHOTOS/ --mask MASKS/ --out RESULTS/
     dfnet import-official model_places2.pth models/places2
@@ -19,6 +20,7 @@ from tqdm import tqdm
 from dfnet.inpaint import STRATEGIES, Inpainter
 from dfnet.masks import MASK_CONVENTIONS
 from dfnet.model import CheckpointMismatchError, DFNet, import_official_checkpoint, read_model_config
+from dfnet.pretrained import PRETRAINED_NAME
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -83,7 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inpaint", help="fill the holes of one image or a folder of images")
-    p.add_argument("--model", required=True, help="model directory (config.json + model.safetensors)")
+    p.add_argument(
+        "--model",
+        default=PRETRAINED_NAME,
+        help="model directory (config.json + model.safetensors); default: the shipped pretrained model",
+    )
     p.add_argument("--image", required=True, help="an image file, or a folder of images")
     p.add_argument("--mask", required=True, help="a mask file, or a folder of masks named like the images")
     p.add_argument("--out", required=True, help="output file, or output folder (PNG files)")
@@ -103,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import_official)
 
     p = sub.add_parser("info", help="print a model directory's configuration and provenance")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", default=PRETRAINED_NAME, help="model directory (default: the shipped model)")
     p.set_defaults(func=cmd_info)
     return parser
 

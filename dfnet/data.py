@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -246,8 +247,11 @@ def resize_short_side(image: np.ndarray, side: int, upscale: bool = True) -> np.
 
 def train_crop(
     image: np.ndarray, size: int, rng: np.random.Generator, max_zoom_out: float = 4.0
-) -> np.ndarray:
+) -> tuple[np.ndarray, float]:
     """A fresh training crop: random scale, position and horizontal flip, resampled to ``size``².
+
+    Returns the crop and its window's share of the photo's short side (1 = the whole short side),
+    so :func:`training_mask` can cut the crop's mask at the same scale.
 
     The window is ``size * z`` stored pixels wide with ``z`` uniform in ``[1, max_zoom_out]``
     (capped by the photo's short side). Photos are stored at 512 px and completed whole at 256-512
@@ -267,7 +271,7 @@ def train_crop(
     crop = pil.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
     if rng.random() < 0.5:
         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.asarray(crop, dtype=np.uint8).copy()
+    return np.asarray(crop, dtype=np.uint8).copy(), side / short
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,15 +412,31 @@ def load_photos(data_dir: str, split: str, short_side: int, limit: int = 0) -> t
 # Masks at training time
 
 
-def training_mask(pool: np.ndarray, rng: np.random.Generator, max_tries: int = 5) -> np.ndarray:
-    """One training mask, ``(H, W)`` float32 with 1 = known: a random pool mask under the paper's
-    random affine augmentation."""
+def training_mask(
+    pool: np.ndarray, rng: np.random.Generator, size: int, share: float = 1.0, max_tries: int = 5
+) -> np.ndarray:
+    """One ``size``² training mask, float32 with 1 = known: a random pool mask under the paper's
+    random affine augmentation, cut at the crop's scale.
+
+    Pool masks are drawn like whole-photo masks (brush widths and stroke lengths follow the
+    photo's size), so a crop showing ``share`` of its photo's short side gets the same share of a
+    pool mask, resized to ``size``: its holes are as wide, relative to the content, as holes in a
+    whole photo are (pool masks cut at a fixed pixel scale trained on holes 2-8× thinner than
+    the evaluation's).
+    """
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"share must be in (0, 1], got {share}")
     base = pool[int(rng.integers(0, pool.shape[0]))]
     has_hole = bool(np.any(base < 0.5))
+    side = max(1, round(share * min(base.shape)))
+    mask = base
     for _ in range(max_tries):
-        mask = random_affine(base, rng)
-        # The warp can push a small hole out of the frame; a hole-free mask teaches nothing
-        # about completion, so draw another warp (and keep the original if all fail).
+        warped = random_affine(base, rng)
+        top = int(rng.integers(0, base.shape[0] - side + 1))
+        left = int(rng.integers(0, base.shape[1] - side + 1))
+        mask = cv2.resize(warped[top : top + side, left : left + side], (size, size), interpolation=cv2.INTER_NEAREST)
+        # The warp or the cut can leave no hole; a hole-free mask teaches nothing about
+        # completion, so draw again (and keep the last draw if all fail).
         if not has_hole or np.any(mask < 0.5):
-            return (mask >= 0.5).astype(np.float32)
-    return (base >= 0.5).astype(np.float32)
+            break
+    return (mask >= 0.5).astype(np.float32)

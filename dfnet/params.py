@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import yaml
 
 from dfnet.losses import LossConfig
-from dfnet.model import DFNet, FusionMode, build_model
+from dfnet.model import DFNet, FusionMode, Prefill, build_model
 
 
 @dataclass
@@ -44,6 +44,9 @@ class DataParams:
 @dataclass
 class MaskParams:
     pool_size: int = 1000
+    # Pool masks are drawn like whole-photo masks at this short side; a training crop gets the
+    # share of one that it shows of its photo, so holes keep their whole-photo scale.
+    size: int = 256
     seed: int = 0
     out: str = "data/masks.npz"
 
@@ -54,10 +57,11 @@ class ModelParams:
     fusion: FusionMode = "blend"
     fusion_levels: int | None = None  # None = the preset's (ablation: 1 = a single fusion block)
     alpha_init: float | None = None  # None = PyTorch's default init (the paper); e.g. 0.95: α starts near 1
+    prefill: Prefill = "none"  # none (the paper) | ns | telea: holes pre-filled, C_k corrects the fill
 
     def build(self) -> DFNet:
         levels = {} if self.fusion_levels is None else {"fusion_levels": self.fusion_levels}
-        model = build_model(self.preset, fusion=self.fusion, **levels)
+        model = build_model(self.preset, fusion=self.fusion, prefill=self.prefill, **levels)
         if self.alpha_init is not None:
             for block in model.fusion:
                 if block.blend is not None:
@@ -86,6 +90,9 @@ class TrainParams:
     resume: bool = True
     max_failures: int = 2
     seed: int = 0
+    # Start from these weights (a model directory; "pretrained" = the model shipped with the
+    # package) instead of a fresh initialisation; null trains from scratch.
+    init_from: str | None = None
     out_dir: str = "models/dfnet"
 
 

@@ -21,7 +21,7 @@ __all__ = ["PhotoCrops", "set_epoch", "training_loader"]
 
 
 class PhotoCrops(Dataset):
-    """Item ``i`` = a random crop of photo ``i % photos`` and a random pool mask.
+    """Item ``i`` = a random crop of photo ``i % photos`` and a pool mask cut at the crop's scale.
 
     Returns ``(image 3×S×S float in [0, 1], known mask 1×S×S float, photo index)``.
     """
@@ -38,8 +38,8 @@ class PhotoCrops(Dataset):
     ) -> None:
         if not photos:
             raise ValueError("no training photos: run the prepare stage (is the train split empty?)")
-        if mask_pool.ndim != 3 or mask_pool.shape[1:] != (size, size):
-            raise ValueError(f"mask pool of shape {mask_pool.shape} does not match {size}² crops")
+        if mask_pool.ndim != 3 or mask_pool.shape[1] != mask_pool.shape[2]:
+            raise ValueError(f"mask pool of shape {mask_pool.shape}: expected (count, side, side) masks")
         self.photos = photos
         self.mask_pool = mask_pool
         self.size = size
@@ -64,8 +64,8 @@ class PhotoCrops(Dataset):
         photo = index % len(self.photos)
         image = self._photo(photo)
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        crop = train_crop(image, self.size, rng, self.max_zoom_out)
-        mask = training_mask(self.mask_pool, rng)
+        crop, share = train_crop(image, self.size, rng, self.max_zoom_out)
+        mask = training_mask(self.mask_pool, rng, self.size, share)
         image_t = torch.from_numpy(crop).permute(2, 0, 1).float().div(255)
         return image_t, torch.from_numpy(mask)[None], photo
 

@@ -57,6 +57,20 @@ def make_optimizer(
     return optimizer, scheduler
 
 
+def load_initial_weights(model: DFNet, source: str) -> None:
+    """Copy the weights of model directory `source` ("pretrained": the shipped model) into
+    `model`, whose architecture must be the same (the configs are compared field by field)."""
+    start = DFNet.from_pretrained(source)
+    if start.config != model.config:
+        differences = [
+            f"{name}: {getattr(start.config, name)!r} in {source}, {getattr(model.config, name)!r} here"
+            for name in start.config.to_dict()
+            if getattr(start.config, name) != getattr(model.config, name)
+        ]
+        raise ValueError(f"train.init_from={source!r} is another architecture: " + "; ".join(differences))
+    model.load_state_dict(start.state_dict())
+
+
 def autocast_for(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
     """Mixed precision on GPU only (bf16 where supported, else fp16); a no-op on CPU."""
     if not enabled or device.type != "cuda":
@@ -188,6 +202,9 @@ def train(
     optimizer, scheduler = make_optimizer(model, t)
     scaler = torch.amp.GradScaler("cuda") if amp and not torch.cuda.is_bf16_supported() else None
     state: State = {"step": 0, "epoch": 0, "history": [], "extra": {}}
+    if t.init_from and not resume:
+        load_initial_weights(model, t.init_from)
+        log.info("[rank %d] starting from the weights of %s", rank, t.init_from)
     if resume:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])

@@ -5,7 +5,8 @@
 Writes ``masks.out`` (a bit-packed ``.npz`` read by :func:`dfnet.masks.load_masks`) holding
 
 ``pool``: ``(pool_size, S, S)`` free-form training masks (augmented on the fly at training time
-by :func:`dfnet.data.training_mask`), with ``S = data.image_size`` and 1 = known, 0 = hole.
+by :func:`dfnet.data.training_mask`, which cuts each at its crop's scale), with ``S = masks.size``
+(drawn like a whole photo's masks at that short side) and 1 = known, 0 = hole.
 Evaluation draws its own masks at each held-out photo's size (:mod:`dfnet.evaluation`).
 Beside it: ``masks_summary.json`` (hole ratio statistics) and ``masks_preview.png`` (a grid to
 look at: white = known, black = hole).
@@ -59,15 +60,15 @@ def _ratio_stats(masks: np.ndarray) -> dict[str, float | int]:
     }
 
 
-def make_masks(masks: MaskParams, image_size: int) -> dict[str, Any]:
-    """Generate, store and summarise the masks for ``masks`` at ``image_size``; returns the summary.
+def make_masks(masks: MaskParams) -> dict[str, Any]:
+    """Generate, store and summarise the pool of ``masks.size``² masks; returns the summary.
 
     ``masks.out`` may be a local path or a URI such as ``s3://bucket/masks.npz``.
     """
-    if image_size < 1 or masks.pool_size < 1:
-        raise ValueError("need image_size >= 1 and masks.pool_size >= 1")
-    log.info("drawing %d pool masks at %dx%d", masks.pool_size, image_size, image_size)
-    pool = mask_pool(masks.pool_size, image_size, image_size, masks.seed)
+    if masks.size < 1 or masks.pool_size < 1:
+        raise ValueError("need masks.size >= 1 and masks.pool_size >= 1")
+    log.info("drawing %d pool masks at %dx%d", masks.pool_size, masks.size, masks.size)
+    pool = mask_pool(masks.pool_size, masks.size, masks.size, masks.seed)
     arrays = {"pool": pool}
     fs, out_path = filesystem_for(masks.out)
     folder = posixpath.dirname(out_path)
@@ -80,7 +81,7 @@ def make_masks(masks: MaskParams, image_size: int) -> dict[str, Any]:
 
     summary: dict[str, Any] = {
         "out": masks.out,
-        "image_size": image_size,
+        "size": masks.size,
         "seed": masks.seed,
         "pool": _ratio_stats(pool),
     }
@@ -98,7 +99,7 @@ def make_masks(masks: MaskParams, image_size: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     params = stage_params(__doc__, argv)
-    summary = make_masks(params.masks, params.data.image_size)
+    summary = make_masks(params.masks)
     print(json.dumps(summary, indent=2))
 
 

@@ -43,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dfnet.inpaint import STRATEGIES, Inpainter
 from dfnet.masks import MASK_CONVENTIONS, mask_from_image
 from dfnet.model import CONFIG_NAME, PRESETS, WEIGHTS_NAME, DFNet, import_official_checkpoint
+from dfnet.pretrained import pretrained_dir
 
 logger = logging.getLogger("ray.serve")
 
@@ -165,7 +166,8 @@ def _registry_has(uri: str, tracking_uri: str) -> bool:
 
 
 def resolve_source(source: str, tracking_uri: str | None = None) -> str:
-    """Turn `auto` into a concrete source: the registry's champion, else models/dfnet."""
+    """Turn `auto` into a concrete source: the registry's champion, else models/dfnet, else the
+    model shipped with the package (so a fresh install serves out of the box)."""
     if source != "auto":
         return source
     tracking_uri = tracking_uri or _default_tracking_uri()
@@ -173,10 +175,12 @@ def resolve_source(source: str, tracking_uri: str | None = None) -> str:
         return DEFAULT_REGISTERED_MODEL
     if (Path(DEFAULT_MODEL_DIR) / CONFIG_NAME).is_file():
         return str(Path(DEFAULT_MODEL_DIR).resolve())
+    if (pretrained_dir() / CONFIG_NAME).is_file():
+        return str(pretrained_dir())
     raise FileNotFoundError(
         f"source 'auto' found no model: no {DEFAULT_REGISTERED_MODEL} in the MLflow registry "
-        f"({tracking_uri or 'none configured'}) and no {DEFAULT_MODEL_DIR}/ under {Path.cwd()}; "
-        + SOURCE_HELP
+        f"({tracking_uri or 'none configured'}), no {DEFAULT_MODEL_DIR}/ under {Path.cwd()} and no "
+        f"shipped model in {pretrained_dir()}; " + SOURCE_HELP
     )
 
 

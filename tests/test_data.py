@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -142,9 +143,9 @@ def test_sample_photos_are_decodable_photographs():
 
 def test_train_crop_size_flip_and_determinism():
     image = _noise(120, 200)
-    crops = [data.train_crop(image, 32, np.random.default_rng(seed)) for seed in range(6)]
+    crops = [data.train_crop(image, 32, np.random.default_rng(seed))[0] for seed in range(6)]
     assert all(c.shape == (32, 32, 3) and c.dtype == np.uint8 for c in crops)
-    np.testing.assert_array_equal(crops[0], data.train_crop(image, 32, np.random.default_rng(0)))
+    np.testing.assert_array_equal(crops[0], data.train_crop(image, 32, np.random.default_rng(0))[0])
     assert len({c.tobytes() for c in crops}) == 6
 
 
@@ -154,16 +155,17 @@ def test_train_crop_windows_span_one_to_max_zoom_out_crop_sides():
     ramp = np.broadcast_to(np.arange(250, dtype=np.uint8)[None, :, None], (300, 250, 3)).copy()
     spans = [
         abs(float(c[8, -1, 0]) - float(c[8, 0, 0]))
-        for c in (data.train_crop(ramp, 16, np.random.default_rng(s), max_zoom_out=4.0) for s in range(60))
+        for c, _ in (data.train_crop(ramp, 16, np.random.default_rng(s), max_zoom_out=4.0) for s in range(60))
     ]
     assert min(spans) >= 16 * 15 / 16 - 2 and max(spans) <= 64 * 15 / 16 + 2
     assert max(spans) - min(spans) > 20  # the scale varies from crop to crop
-    flipped = [data.train_crop(ramp, 16, np.random.default_rng(s))[8, 0, 0] > 100 for s in range(60)]
+    flipped = [data.train_crop(ramp, 16, np.random.default_rng(s))[0][8, 0, 0] > 100 for s in range(60)]
     assert 10 < sum(flipped) < 50  # left-right flips, about half of the time
 
 
 def test_train_crop_of_a_photo_smaller_than_the_crop_upscales_it():
-    assert data.train_crop(_noise(10, 14), 48, np.random.default_rng(0)).shape == (48, 48, 3)
+    crop, share = data.train_crop(_noise(10, 14), 48, np.random.default_rng(0))
+    assert crop.shape == (48, 48, 3) and share == 1.0
 
 
 @pytest.mark.parametrize(("shape", "expected"), [((100, 300), (64, 192)), ((300, 100), (192, 64))])
@@ -267,11 +269,31 @@ def test_filesystem_for(monkeypatch, tmp_path):
 
 def test_training_masks_are_augmented_pool_masks_with_holes():
     pool = mask_pool(12, 32, 32, seed=3)
-    masks = np.stack([data.training_mask(pool, np.random.default_rng(seed)) for seed in range(20)])
+    masks = np.stack([data.training_mask(pool, np.random.default_rng(seed), 32) for seed in range(20)])
     assert masks.shape == (20, 32, 32) and masks.dtype == np.float32
     assert set(np.unique(masks)) <= {0.0, 1.0}
     assert all((m < 0.5).any() for m in masks)  # every training mask has a hole
     # The random affine warp is applied: most samples match no pool mask exactly.
     pool_set = {m.astype(np.float32).tobytes() for m in pool}
     assert sum(m.tobytes() not in pool_set for m in masks) >= 15
-    np.testing.assert_array_equal(masks[0], data.training_mask(pool, np.random.default_rng(0)))
+    np.testing.assert_array_equal(masks[0], data.training_mask(pool, np.random.default_rng(0), 32))
+
+
+def _hole_depth(masks: list[np.ndarray]) -> float:
+    """Median distance of hole pixels to the nearest known pixel: how wide holes are, in pixels
+    (masks with no known pixel at all have no such distance and are left out)."""
+    depths = [cv2.distanceTransform((m < 0.5).astype(np.uint8), cv2.DIST_L2, 5) for m in masks if m.any()]
+    return float(np.median(np.concatenate([d[d > 0] for d in depths])))
+
+
+def test_a_crop_showing_a_share_of_its_photo_gets_that_share_of_a_pool_mask():
+    # A 64² crop that shows a quarter of its photo's short side must see holes four times as wide
+    # (in its pixels) as one showing the whole short side: holes keep their whole-photo scale.
+    pool = mask_pool(40, 128, 128, seed=5)
+    whole = [data.training_mask(pool, np.random.default_rng(s), 64, share=1.0) for s in range(40)]
+    quarter = [data.training_mask(pool, np.random.default_rng(s), 64, share=0.25) for s in range(40)]
+    ratio = _hole_depth(quarter) / _hole_depth(whole)
+    assert 2.5 < ratio < 6, ratio
+    assert all(m.shape == (64, 64) for m in whole + quarter)
+    with pytest.raises(ValueError, match="share"):
+        data.training_mask(pool, np.random.default_rng(0), 64, share=1.5)

@@ -164,8 +164,8 @@ def test_prepare_s3_to_s3(ray_local, s3_server):
 
 
 def test_make_masks(tmp_path):
-    params = MaskParams(pool_size=12, seed=4, out=str(tmp_path / "m" / "masks.npz"))
-    summary = make_masks(params, 48)
+    params = MaskParams(pool_size=12, seed=4, size=48, out=str(tmp_path / "m" / "masks.npz"))
+    summary = make_masks(params)
     stored = load_masks(params.out)
     assert set(stored) == {"pool"}
     assert stored["pool"].shape == (12, 48, 48) and stored["pool"].dtype == np.uint8
@@ -176,9 +176,9 @@ def test_make_masks(tmp_path):
     assert preview.width > 48 * 8 and preview.height > 48 * 2  # two rows of eight
 
     # Seeded: the same seed repeats exactly, another seed does not.
-    make_masks(MaskParams(**{**params.__dict__, "out": str(tmp_path / "again.npz")}), 48)
+    make_masks(MaskParams(**{**params.__dict__, "out": str(tmp_path / "again.npz")}))
     np.testing.assert_array_equal(load_masks(tmp_path / "again.npz")["pool"], stored["pool"])
-    make_masks(MaskParams(**{**params.__dict__, "seed": 5, "out": str(tmp_path / "o.npz")}), 48)
+    make_masks(MaskParams(**{**params.__dict__, "seed": 5, "out": str(tmp_path / "o.npz")}))
     assert not np.array_equal(load_masks(tmp_path / "o.npz")["pool"], stored["pool"])
 
 

@@ -140,7 +140,7 @@ def data_root(ray_local: Any, mlflow_store: str, tmp_path_factory: pytest.TempPa
     params = tiny_params(root)
     report = prepare(params.data)
     assert all(report["splits"][s]["images"] > 0 for s in ("train", "val", "test"))
-    make_masks(params.masks, SIZE)
+    make_masks(params.masks)
     return root
 
 

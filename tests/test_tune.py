@@ -350,7 +350,7 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory, ray_local) -> Path:
     raw["masks"].update(pool_size=50, out=str(root / "data" / "masks.npz"))
     params = load_params(REPO / "params.yaml", {k: raw[k] for k in ("data", "masks")})
     prepare(DataParams(**vars(params.data)))
-    make_masks(MaskParams(**vars(params.masks)), params.data.image_size)
+    make_masks(MaskParams(**vars(params.masks)))
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     return root
 
