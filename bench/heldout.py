@@ -8,8 +8,11 @@ side, with the evaluate stage's own pairs and scores (pipelines/evaluate.py on d
 so a number here means what the stage's number means. `--every-bin` scores each photo with every
 bin's mask instead of the stage's one bin per photo: five times the work, five times the pairs.
 
-Prints the per-size, per-bin table with the CPU and torch version it ran on; `--out DIR` also
-writes DIR/heldout.md and the comparison grid DIR/heldout_grid.png.
+Prints the per-size, per-bin table with the CPU and torch version it ran on, and the goal check:
+in which (size, bin ≥ 20 %, metric) cells the model is below every other method of the run
+(OpenCV at each radius, the untrained network, which with a pre-fill *is* the pre-fill, and the
+shipped model when `--model` is another one). `--out DIR` also writes DIR/heldout.md, the
+comparison grid DIR/heldout_grid.png and the model's alpha maps DIR/heldout_alphas.png.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from bench.quality import cpu_name  # noqa: E402
-from dfnet.evaluation import comparison_grid  # noqa: E402
+from bench.quality import cpu_name, plot_alphas  # noqa: E402
+from dfnet.evaluation import better, comparison_grid  # noqa: E402
+from dfnet.model import DFNet  # noqa: E402
 from dfnet.params import load_params  # noqa: E402
-from pipelines.evaluate import OPENCV_RADII, evaluate_heldout, markdown_tables, stage_methods  # noqa: E402
+from pipelines.evaluate import OPENCV_RADII, Results, evaluate_heldout, markdown_tables, stage_methods  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     heldout = evaluate_heldout(params, methods, params.evaluate.grid_rows, every_bin=args.every_bin)
     seconds = time.perf_counter() - start
 
+    goal = goal_check(heldout.results)
     photos = ", ".join(f"{n} at {size} px" for size, n in heldout.photos.items())
     report = (
         f"# Held-out whole-photo benchmark\n\n"
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{params.evaluate.mask_seed}; BPE band {params.evaluate.band_width} px at 256. "
         f"l1 and BPE in percent of the 8-bit range, PSNR in dB, SSIM in [0, 1].\n\n"
         f"CPU: {cpu_name()} ({os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads), "
-        f"torch {torch.__version__}; {seconds:.0f} s.\n\n" + markdown_tables(heldout.results)
+        f"torch {torch.__version__}; {seconds:.0f} s.\n\n" + markdown_tables(heldout.results) + "\n" + goal
     )
     print(report)
     if args.out:
@@ -63,6 +68,30 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / "heldout.md").write_text(report)
         if heldout.examples:
             comparison_grid(heldout.examples, list(methods)).save(args.out / "heldout_grid.png")
+            smallest = min(e.pair.short_side for e in heldout.examples)
+            pairs = [e.pair for e in heldout.examples if e.pair.short_side == smallest]
+            plot_alphas(DFNet.from_pretrained(model_dir), pairs, args.out / "heldout_alphas.png")
+
+
+def goal_check(results: Results, model: str = "dfnet", min_ratio: float = 0.2) -> str:
+    """A markdown table: per size, bin from `min_ratio` up and metric (ℓ1, BPE), the model against
+    the best other method of the run, and how many cells it wins."""
+    lines = ["| size | bin | metric | model | best other | other method | model ahead |",
+             "|---|---|---|---:|---:|---|---|"]  # fmt: skip
+    wins = cells = 0
+    for size, bins in results[model].items():
+        for label, scores in bins.items():
+            if int(label.split("-")[0]) < round(min_ratio * 100):
+                continue
+            for metric in ("l1", "bpe"):
+                others = {name: r[size][label][metric] for name, r in results.items() if name != model}
+                best = min(others, key=others.get)
+                ahead = better(metric, scores[metric], others[best])
+                wins, cells = wins + ahead, cells + 1
+                lines.append(f"| {size} | {label} | {metric} | {scores[metric]:.3f} | {others[best]:.3f} | {best} | "
+                             f"{'yes' if ahead else '**no**'} |")  # fmt: skip
+    head = f"**Goal check:** `{model}` is below every other method in {wins} of {cells} cells (bins ≥ {min_ratio:.0%})."
+    return head + "\n\n" + "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

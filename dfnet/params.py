@@ -33,7 +33,7 @@ class CorpusParams:
 class DataParams:
     # "sample", a local folder (the corpus stage's photos by default), or s3://bucket/prefix
     source: str = "data/corpus/photos"
-    image_size: int = 64  # training crop side, drawn fresh every epoch from the stored photos
+    image_size: int = 128  # training crop side, drawn fresh every epoch from the stored photos
     store_short_side: int = 512  # photos are stored this large (short side): crops and whole-photo eval
     val_fraction: float = 0.15
     test_fraction: float = 0.15
@@ -57,7 +57,7 @@ class ModelParams:
     fusion: FusionMode = "blend"
     fusion_levels: int | None = None  # None = the preset's (ablation: 1 = a single fusion block)
     alpha_init: float | None = None  # None = PyTorch's default init (the paper); e.g. 0.95: α starts near 1
-    prefill: Prefill = "none"  # none (the paper) | ns | telea: holes pre-filled, C_k corrects the fill
+    prefill: Prefill = "ns"  # ns | telea: holes pre-filled, C_k corrects the fill | none: the paper
 
     def build(self) -> DFNet:
         levels = {} if self.fusion_levels is None else {"fusion_levels": self.fusion_levels}
@@ -71,11 +71,14 @@ class ModelParams:
 
 @dataclass
 class TrainParams:
-    epochs: int = 8
-    crops_per_photo: int = 8  # an epoch = one pass over this many fresh crops of every photo
-    max_zoom_out: float = 4.0  # crop windows of image_size × [1, this] stored pixels
+    # Start from these weights (a model directory; "pretrained" = the model shipped with the
+    # package) instead of a fresh initialisation; None trains from scratch.
+    init_from: str | None = "pretrained"
+    epochs: int = 2
+    crops_per_photo: int = 4  # an epoch = one pass over this many fresh crops of every photo
+    max_zoom_out: float = 3.0  # crop windows of image_size × [1, this] stored pixels
     batch_size: int = 16  # per worker
-    lr: float = 2e-3
+    lr: float = 2e-4  # fine-tuning the shipped model; the paper starts at 2e-3
     lr_decay_epochs: int = 5
     lr_decay_gamma: float = 0.1
     bn_recalibration_batches: int = 20  # BatchNorm statistics re-estimated after every epoch
@@ -90,9 +93,6 @@ class TrainParams:
     resume: bool = True
     max_failures: int = 2
     seed: int = 0
-    # Start from these weights (a model directory; "pretrained" = the model shipped with the
-    # package) instead of a fresh initialisation; null trains from scratch.
-    init_from: str | None = None
     out_dir: str = "models/dfnet"
 
 

@@ -4,8 +4,9 @@
 
 For every short side in `evaluate.sizes`, up to `evaluate.max_photos` test photos (evenly spaced
 over the split) are scaled to it, never cropped, and completed whole, the way users run the model
-(dfnet.evaluation). The methods: the trained DFNet, the same architecture untrained (what
-training bought), and OpenCV's Telea and Navier–Stokes at radius 3. Completions are 8-bit images,
+(dfnet.evaluation). The methods: the trained DFNet, the shipped model it was fine-tuned from,
+the same architecture untrained (what training bought; with a pre-fill it returns exactly that
+pre-fill), and OpenCV's Telea and Navier–Stokes at radius 3. Completions are 8-bit images,
 as a user gets them.
 
 Each photo is scored with one fixed mask, the bins cycling over the sorted photo keys, so every
@@ -48,8 +49,9 @@ from dfnet.evaluation import (
     opencv_method,
 )
 from dfnet.masks import HOLE_BINS
-from dfnet.model import DFNet
+from dfnet.model import CONFIG_NAME, DFNet
 from dfnet.params import Params
+from dfnet.pretrained import pretrained_dir, resolve_model_dir
 from pipelines import stage_params
 
 __all__ = [
@@ -87,12 +89,17 @@ def baseline_methods(radii: tuple[int, ...] = (3,)) -> dict[str, Method]:
 
 
 def stage_methods(params: Params, model_dir: str | Path, radii: tuple[int, ...] = (3,)) -> dict[str, Method]:
-    """The trained model in `model_dir`, the untrained network (seeded like training) and the
-    OpenCV baselines at `radii`: what the stage and `bench/heldout.py` compare."""
+    """The trained model in `model_dir`, the model shipped with the package (what fine-tuning
+    started from; left out when `model_dir` is that model), the untrained network (seeded like
+    training; with `model.prefill` it returns exactly its pre-fill) and the OpenCV baselines at
+    `radii`: what the stage and `bench/heldout.py` compare."""
     torch.manual_seed(params.train.seed)
     untrained = params.model.build().eval()
+    shipped = pretrained_dir()
+    compare_shipped = (shipped / CONFIG_NAME).is_file() and resolve_model_dir(model_dir).resolve() != shipped.resolve()
     return {
         "dfnet": dfnet_method(DFNet.from_pretrained(model_dir)),
+        **({"shipped": dfnet_method(DFNet.from_pretrained(shipped))} if compare_shipped else {}),
         "untrained": dfnet_method(untrained),
         **baseline_methods(radii),
     }

@@ -207,7 +207,7 @@ def test_evaluate_stage_writes_every_method_size_and_bin(prepared: Path, tmp_pat
 
     out = tmp_path / "metrics"
     evaluation = json.loads((out / "eval.json").read_text())
-    methods = ["dfnet", "untrained", "telea", "ns"]
+    methods = ["dfnet", "shipped", "untrained", "telea", "ns"]  # shipped: the package's pretrained model
     assert set(evaluation) == {*methods, "settings"}
     for method in methods:
         assert set(evaluation[method]) == {"64", "128", "mean"}

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("corpus", "prepare", "masks", "train", "evaluate", "register")
-METHODS = ("dfnet", "untrained", "telea", "ns")
+METHODS = ("dfnet", "shipped", "untrained", "telea", "ns")  # shipped: the model fine-tuning started from
 TINY = {
     "corpus": {"source": "sample"},  # the bundled photos: the Debian download is not for tests
     "data": {"image_size": 64, "store_short_side": 128},

@@ -81,7 +81,7 @@ def test_report_covers_every_method_bin_and_size_with_the_runs_numbers(tmp_path:
     save_masks(tmp_path / "masks.npz", {"pool": mask_pool(30, 64, 64, seed=0)})
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())  # params.yaml's model and loss
     raw["data"].update(out_dir=str(data), image_size=64)
-    raw["masks"]["out"] = str(tmp_path / "masks.npz")
+    raw["masks"].update(out=str(tmp_path / "masks.npz"), size=64)
     raw["train"].update(batch_size=4, bn_recalibration_batches=1, val_short_side=64)
     raw["evaluate"].update(sizes=SIZES, max_photos=0, grid_rows=2)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))

@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:  # `serve` is a folder of the repository, not an i
     sys.path.insert(0, str(ROOT))
 
 from dfnet.model import DFNet, build_model  # noqa: E402
+from dfnet.pretrained import pretrained_dir  # noqa: E402
 from serve.app import (  # noqa: E402
     ServeSettings,
     app_builder,
@@ -603,8 +604,7 @@ def test_auto_source_prefers_the_registry_champion(
 
     monkeypatch.chdir(tmp_path)  # mlflow.db and artifacts land here, never in the repository
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with pytest.raises(FileNotFoundError, match="DFNET_MODEL_SOURCE"):
-        resolve_source("auto")
+    assert resolve_source("auto") == str(pretrained_dir())  # a fresh install serves the shipped model
     (tmp_path / "models").mkdir()
     fallback = build_model("small").save_pretrained(tmp_path / "models" / "dfnet")
     assert resolve_source("auto") == str(fallback.resolve())

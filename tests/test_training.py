@@ -42,8 +42,10 @@ def _params(root: Path, **train: object) -> Params:
         {
             "data": {"out_dir": str(root / "prepared"), "image_size": SIZE},
             "masks": {"out": str(root / "masks.npz")},
+            "model": {"prefill": "none"},  # the paper's network, trained from scratch
             "loss": {"p": 4, "q": 2, "texture_fallback": "off"},
-            "train": {"batch_size": 8, "crops_per_photo": 2, "epochs": 1, "val_max_photos": 2, **train},
+            "train": {"batch_size": 8, "crops_per_photo": 2, "epochs": 1, "val_max_photos": 2, "init_from": None,
+                      **train},
             "evaluate": {"grid_rows": 2},
         }
     )

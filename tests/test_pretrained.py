@@ -1,0 +1,125 @@
+"""The model shipped with the package, and the pre-fill it is built on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dfnet.cli import main as cli_main
+from dfnet.inpaint import Inpainter
+from dfnet.model import DFNet, build_model, classical_prefill
+from dfnet.params import load_params
+from dfnet.pretrained import pretrained_dir
+from dfnet.training import load_initial_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _stroke_hole(height: int, width: int) -> np.ndarray:
+    """A wide zig-zag brush stroke (1 = hole) across the middle of the frame."""
+    hole = np.zeros((height, width), np.uint8)
+    points = np.array([[10, height // 3], [width // 3, 2 * height // 3], [2 * width // 3, height // 4],
+                       [width - 10, 2 * height // 3]], np.int32)  # fmt: skip
+    cv2.polylines(hole, [points], isClosed=False, color=1, thickness=max(8, height // 8))
+    return hole
+
+
+@pytest.mark.parametrize("method", ["ns", "telea"])
+def test_an_untrained_prefill_model_returns_exactly_the_classical_fill(method: str) -> None:
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (128, 192, 3), dtype=np.uint8), (9, 9), 3)
+    hole = _stroke_hole(128, 192)
+    torch.manual_seed(0)
+    inpainter = Inpainter(build_model("small", prefill=method))
+    completed = np.asarray(inpainter.inpaint(image, hole * 255, mask_convention="hole-white"))
+    flag = cv2.INPAINT_NS if method == "ns" else cv2.INPAINT_TELEA
+    np.testing.assert_array_equal(completed, cv2.inpaint(image, hole, 3, flag))
+
+
+def test_classical_prefill_keeps_known_pixels_and_fills_holes() -> None:
+    image = torch.rand(2, 3, 32, 48)
+    mask = torch.ones(2, 1, 32, 48)
+    mask[:, :, 8:20, 10:30] = 0
+    filled = classical_prefill(image, mask, "ns")
+    assert torch.equal(filled * mask, image * mask)
+    hole = filled[:, :, 8:20, 10:30]
+    assert hole.min() > 0.2 and hole.max() < 0.8  # the mean of uniform noise, not zeros
+
+
+# ------------------------------------------------------------------------------ the shipped model
+@pytest.fixture(scope="module")
+def shipped() -> Inpainter:
+    return Inpainter.from_pretrained("pretrained")
+
+
+def test_the_shipped_model_is_a_complete_model_directory() -> None:
+    directory = pretrained_dir()
+    weights = directory / "model.safetensors"
+    assert weights.is_file() and weights.stat().st_size <= 50 * 2**20
+    meta = json.loads((directory / "config.json").read_text())
+    assert meta["model"]["prefill"] == "ns" and meta["provenance"]["source"] == "trained"
+    card = (directory / "README.md").read_text()
+    for section in ("## Data", "## Recipe", "## Held-out results", "## Limits", "python -m dfnet.training"):
+        assert section in card, section
+    for picture in (p for p in card.split("](")[1:]):
+        assert (directory / picture.split(")")[0]).is_file()
+
+
+def test_the_default_pipeline_fine_tunes_the_shipped_model() -> None:
+    params = load_params(ROOT / "params.yaml")
+    assert params.train.init_from == "pretrained"
+    model = params.model.build()
+    load_initial_weights(model, params.train.init_from)  # same architecture, or it raises
+    shipped_state = DFNet.from_pretrained("pretrained").state_dict()
+    assert all(torch.equal(v, shipped_state[k]) for k, v in model.state_dict().items())
+
+
+def test_initial_weights_of_another_architecture_are_refused(tmp_path: Path) -> None:
+    build_model("small", fusion_levels=1).save_pretrained(tmp_path / "one-block")
+    with pytest.raises(ValueError, match="fusion_levels"):
+        load_initial_weights(build_model("small"), str(tmp_path / "one-block"))
+
+
+@pytest.mark.parametrize("colour", [(200, 40, 40), (30, 120, 220), (128, 128, 128)])
+def test_a_flat_colour_photo_comes_back_that_colour(shipped: Inpainter, colour: tuple[int, int, int]) -> None:
+    image = np.empty((256, 384, 3), np.uint8)
+    image[:] = colour
+    hole = _stroke_hole(256, 384).astype(bool)
+    completed = np.asarray(shipped.inpaint(image, hole.astype(np.uint8) * 255))
+    error = np.abs(completed[hole].astype(int) - np.array(colour))
+    # No visible tint: a zero-filled network that has not learned to carry colours is off by tens.
+    assert error.mean() <= 1.0 and error.max() <= 8, (error.mean(), error.max())
+
+
+def test_a_hole_across_a_seam_takes_each_sides_colour(shipped: Inpainter) -> None:
+    left, right = np.array([220, 200, 60]), np.array([40, 70, 160])
+    image = np.empty((256, 384, 3), np.uint8)
+    image[:, :192], image[:, 192:] = left, right
+    hole = np.zeros((256, 384), bool)
+    hole[96:160, 64:320] = True  # a wide hole across the seam at x = 192
+    completed = np.asarray(shipped.inpaint(image, hole.astype(np.uint8) * 255)).astype(int)
+    for side, own, other in ((completed[96:160, 64:160], left, right), (completed[96:160, 224:320], right, left)):
+        # 32 px and more from the seam every pixel is nearer its own side's colour than the other's,
+        # and on average close to it (Navier–Stokes, the pre-fill, smears a few px more than that).
+        assert (np.abs(side - own).sum(-1) < np.abs(side - other).sum(-1)).all()
+        assert np.abs(side - own).mean() <= 8, np.abs(side - own).mean()
+
+
+def test_cli_inpaints_with_the_shipped_model_when_no_model_is_given(tmp_path: Path) -> None:
+    image = np.empty((96, 128, 3), np.uint8)
+    image[:] = (90, 160, 70)
+    hole = np.zeros((96, 128), np.uint8)
+    hole[30:60, 40:100] = 255
+    Image.fromarray(image).save(tmp_path / "photo.png")
+    Image.fromarray(hole).save(tmp_path / "mask.png")
+    args = ["inpaint", "--image", str(tmp_path / "photo.png"), "--mask", str(tmp_path / "mask.png"),
+            "--out", str(tmp_path / "out.png")]  # fmt: skip
+    assert cli_main(args) == 0
+    out = np.asarray(Image.open(tmp_path / "out.png")).astype(int)
+    assert np.abs(out[30:60, 40:100] - image[30:60, 40:100]).max() <= 8  # the photo's colour, filled
