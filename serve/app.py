@@ -210,9 +210,11 @@ def _download_s3(uri: str, dest: Path) -> Path:
 
 
 def _preset_name(model: DFNet) -> str:
+    """The preset the architecture is, e.g. "small", or "small + ns pre-fill"; else "custom"."""
+    plain = dataclasses.replace(model.config, prefill="none")
     for name, config in PRESETS.items():
-        if config == model.config:
-            return name
+        if config == plain:
+            return name if model.config.prefill == "none" else f"{name} + {model.config.prefill} pre-fill"
     return "custom"
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -53,14 +52,14 @@ def artifacts_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def page_url(ray_local, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Serve with a random-init `small` model on a free loopback port; shut down afterwards."""
+    """Serve the shipped pretrained model (what a fresh install serves) on a free loopback port;
+    shut down afterwards."""
     from ray import serve
 
-    from dfnet.model import build_model
+    from dfnet.pretrained import pretrained_dir
     from serve.app import app_builder
 
-    torch.manual_seed(0)
-    model_dir = build_model("small").save_pretrained(tmp_path_factory.mktemp("browser") / "model")
+    model_dir = pretrained_dir()
     serve.shutdown()  # a Serve left by another file would keep its own port
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
