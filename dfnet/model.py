@@ -65,7 +65,7 @@ class DFNetConfig:
     # Holes pre-filled by a classical inpainting before the network sees them, and C_k a learned
     # correction of that fill ("none" = the paper: zero-filled holes, C_k from scratch).
     prefill: Prefill = "none"
-    prefill_radius: int = 3  # OpenCV's inpaint radius (3 beats 5 on the corpus's photos)
+    prefill_radius: int = 3  # OpenCV's inpaint radius (3 and 5 score within 1 % on the corpus; 3 is faster)
 
     def __post_init__(self) -> None:
         if len(self.kernel_sizes) != self.levels:
