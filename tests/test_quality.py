@@ -12,6 +12,7 @@ import json
 import math
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +136,9 @@ def test_variants_change_one_thing_each() -> None:
     base = quality.load_params(ROOT / "params.yaml")
     built = {v.name: v.params(base, seed=7) for v in quality.VARIANTS}
     assert all(p.train.seed == 7 for p in built.values())
-    assert built["dfnet"].model == base.model and built["dfnet"].loss == base.loss
+    # Every variant is the paper's network trained from scratch: zero-filled holes, no start weights.
+    assert all(p.model.prefill == "none" and p.train.init_from is None for p in built.values())
+    assert built["dfnet"].model == replace(base.model, prefill="none") and built["dfnet"].loss == base.loss
     one = built["dfnet-1blk"]
     assert (one.model.fusion, one.model.fusion_levels, one.loss.p, one.loss.q) == ("blend", 1, 1, 1)
     for name, fusion in (("hard", "hard"), ("unet", "none")):
