@@ -20,19 +20,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
+from quality import cpu_name, plot_alphas  # noqa: E402  (a sibling script in bench/)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-
-from bench.quality import cpu_name, plot_alphas  # noqa: E402
-from dfnet.evaluation import better, comparison_grid  # noqa: E402
-from dfnet.model import DFNet  # noqa: E402
-from dfnet.params import load_params  # noqa: E402
-from pipelines.evaluate import OPENCV_RADII, Results, evaluate_heldout, markdown_tables, stage_methods  # noqa: E402
+from dfnet.evaluation import better, comparison_grid
+from dfnet.model import DFNet
+from dfnet.params import load_params
+from pipelines.evaluate import OPENCV_RADII, Results, evaluate_heldout, markdown_tables, stage_methods
 
 
 def main(argv: list[str] | None = None) -> None:

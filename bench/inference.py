@@ -28,10 +28,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-
-from dfnet.accelerate import InferenceRunner, optimize_for_inference  # noqa: E402
-from dfnet.model import DFNet, build_model  # noqa: E402
+from dfnet.accelerate import InferenceRunner, optimize_for_inference
+from dfnet.model import DFNet, build_model
 
 # name → (description for the table, optimize_for_inference keyword arguments)
 PATHS: dict[str, tuple[str, dict[str, Any]]] = {

@@ -32,16 +32,14 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-
-from dfnet.data import filesystem_for, read_split  # noqa: E402
-from dfnet.evaluation import LOWER_IS_BETTER, METRICS, Method, Pair, better, comparison_grid, dfnet_method  # noqa: E402
-from dfnet.losses import DFNetLoss  # noqa: E402
-from dfnet.masks import load_masks  # noqa: E402
-from dfnet.model import DFNet, FusionMode  # noqa: E402
-from dfnet.params import Params, load_params  # noqa: E402
-from dfnet.training import train  # noqa: E402
-from pipelines.evaluate import Heldout, baseline_methods, evaluate_heldout  # noqa: E402
+from dfnet.data import filesystem_for, read_split
+from dfnet.evaluation import LOWER_IS_BETTER, METRICS, Method, Pair, better, comparison_grid, dfnet_method
+from dfnet.losses import DFNetLoss
+from dfnet.masks import load_masks
+from dfnet.model import DFNet, FusionMode
+from dfnet.params import Params, load_params
+from dfnet.training import train
+from pipelines.evaluate import Heldout, baseline_methods, evaluate_heldout
 
 log = logging.getLogger("dfnet.bench.quality")
 

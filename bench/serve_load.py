@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import socket
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -37,10 +36,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-
-from dfnet.inpaint import Inpainter  # noqa: E402
-from dfnet.model import build_model  # noqa: E402
+from dfnet.inpaint import Inpainter
+from dfnet.model import build_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

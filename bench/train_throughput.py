@@ -28,7 +28,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -36,14 +35,12 @@ from typing import Any
 
 import ray
 import torch
+from quality import cpu_name, prepared_data  # noqa: E402  (a sibling script in bench/)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from bench.quality import cpu_name, prepared_data  # noqa: E402
-from dfnet.data import read_split  # noqa: E402
-from dfnet.params import Params, load_params  # noqa: E402
-from dfnet.training import train  # noqa: E402
-from pipelines.train import build_trainer, load_checkpoint_state  # noqa: E402
+from dfnet.data import read_split
+from dfnet.params import Params, load_params
+from dfnet.training import train
+from pipelines.train import build_trainer, load_checkpoint_state
 
 MLFLOW_OFF = {"tracking_uri": ""}  # build_trainer's config: no MLflow run for a measurement
 

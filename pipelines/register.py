@@ -17,7 +17,7 @@ import mlflow
 
 from dfnet.model import read_model_config
 from pipelines import stage_params
-from pipelines.registry import register_model
+from tracking.registry import register_model
 
 
 def main(argv: list[str] | None = None) -> None:

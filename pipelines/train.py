@@ -118,7 +118,7 @@ def build_trainer(params: Params, extra_config: dict[str, Any] | None = None) ->
         **(extra_config or {}),
     }
     if config["tracking_uri"]:
-        from pipelines.registry import ensure_experiment
+        from tracking.registry import ensure_experiment
 
         ensure_experiment(config["tracking_uri"], params.mlflow.experiment)
     return ray.train.torch.TorchTrainer(

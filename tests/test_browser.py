@@ -9,7 +9,6 @@ import base64
 import io
 import os
 import socket
-import sys
 from pathlib import Path
 
 import httpx
@@ -19,8 +18,6 @@ from PIL import Image
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `serve` is a folder of the repository, not an installed package
-    sys.path.insert(0, str(ROOT))
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -229,7 +229,7 @@ def test_evaluate_stage_writes_every_method_size_and_bin(prepared: Path, tmp_pat
 
 def test_registry_promotes_a_higher_psnr_and_keeps_it_over_a_lower_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     mlflow = pytest.importorskip("mlflow")
-    from pipelines.registry import ensure_experiment, register_model
+    from tracking.registry import ensure_experiment, register_model
 
     monkeypatch.chdir(tmp_path)  # artifacts land here, never in the repository
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -10,7 +10,6 @@ import io
 import json
 import os
 import socket
-import sys
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,14 +24,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `serve` is a folder of the repository, not an installed package
-    sys.path.insert(0, str(ROOT))
-
-from dfnet.model import DFNet, build_model  # noqa: E402
-from dfnet.pretrained import pretrained_dir  # noqa: E402
-from serve.app import (  # noqa: E402
+from dfnet.model import DFNet, build_model
+from dfnet.pretrained import pretrained_dir
+from serve.app import (
     ServeSettings,
     app_builder,
     build_app,
@@ -41,6 +35,8 @@ from serve.app import (  # noqa: E402
     resolve_source,
 )
 
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+ROOT = Path(__file__).resolve().parents[1]
 MAX_PIXELS = 512 * 512
 MAX_UPLOAD = 1_000_000
 
@@ -600,7 +596,7 @@ def test_auto_source_prefers_the_registry_champion(
     model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytest.importorskip("mlflow")
-    from pipelines.registry import register_model
+    from tracking.registry import register_model
 
     monkeypatch.chdir(tmp_path)  # mlflow.db and artifacts land here, never in the repository
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
