@@ -233,7 +233,7 @@ def load_inpainter(
 
     source: a local model directory; ``s3://bucket/prefix`` (config.json + model.safetensors,
     endpoint from AWS_ENDPOINT_URL); ``models:/name@alias`` or ``models:/name/version`` (MLflow
-    registry, via pipelines.registry); a ``.pth`` official checkpoint (local or s3://),
+    registry, via tracking.registry); a ``.pth`` official checkpoint (local or s3://),
     converted on the fly; or ``auto`` (see :func:`resolve_source`).
     """
     device = torch.device(resolve_device(str(device)))
@@ -243,7 +243,7 @@ def load_inpainter(
         location: str | Path = resolved
         if resolved.startswith("models:/"):
             # Imported lazily: only this source needs MLflow and the pipelines package.
-            from pipelines.registry import download_registered_model
+            from tracking.registry import download_registered_model
 
             location, registry_info = download_registered_model(resolved, tracking_uri)
             info["kind"] = "mlflow"

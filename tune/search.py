@@ -630,8 +630,8 @@ def register_best(
     from dfnet.model import DFNet
     from dfnet.training import export_model
     from pipelines.evaluate import evaluate_heldout, overall_mean
-    from pipelines.registry import register_model
     from pipelines.train import load_checkpoint_state
+    from tracking.registry import register_model
 
     assert row.best is not None
     params = apply_hyperparameters(base, row.config)
@@ -805,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
     tracking_uri = params.mlflow.resolved_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient()
-    from pipelines.registry import ensure_experiment
+    from tracking.registry import ensure_experiment
 
     experiment_id = ensure_experiment(tracking_uri, params.mlflow.experiment)
     info = {
