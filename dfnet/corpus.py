@@ -45,7 +45,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dfnet.data import encode_jpeg, resize_short_side, sample_photos, try_decode_image
+from dfnet.data import decode_photo, encode_jpeg, resize_short_side, sample_photos
+from dfnet.images import is_image_file
 
 if TYPE_CHECKING:  # dfnet.params imports the model (and torch); the corpus needs neither
     from dfnet.params import CorpusParams
@@ -94,9 +95,6 @@ SKIP_REASONS: tuple[str, ...] = (
 MANIFEST_COLUMNS: tuple[str, ...] = (
     "key", "package", "package_version", "path_in_package", "licence", "width", "height", "sha256",
 )  # fmt: skip
-
-#: Files that are looked at (and counted) at all; everything else in a package is ignored.
-IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 #: Near-duplicates: mean absolute difference of the 16x16 grey thumbnails (0-255 levels) and of
 #: the log aspect ratios below which two photos count as one picture. Copies of corpus photos
@@ -285,10 +283,6 @@ def _segment_glob(pattern: str) -> re.Pattern[str]:
 
 def _matches(path: str, patterns: Iterable[str]) -> bool:
     return any(_segment_glob(pattern).fullmatch(path) for pattern in patterns)
-
-
-def _is_image_name(path: str) -> bool:
-    return path.lower().endswith(IMAGE_SUFFIXES)
 
 
 def _photo_name(path: str, root: str) -> str:
@@ -719,9 +713,10 @@ def _make_candidate(
 ) -> Candidate | str:
     """A :class:`Candidate` from encoded bytes (EXIF-oriented, then turned ``rotate_cw`` degrees
     clockwise), or the skip reason ``"unreadable"``."""
-    pixels, reason = try_decode_image(data)
-    if pixels is None:
-        log.warning("%s: %s is unreadable: %s", package, path, reason)
+    try:
+        pixels = decode_photo(data)
+    except ValueError as exc:
+        log.warning("%s: %s is unreadable: %s", package, path, exc)
         return "unreadable"
     if rotate_cw % 360:
         if rotate_cw % 90:
@@ -798,7 +793,7 @@ def harvest_package(deb: str | Path, selection: PackageSelection, max_short_side
             chosen = _matches(path, selection.include) and not _matches(path, selection.exclude)
             if selection.members and chosen:
                 sources += _select_members(path, (root / path).read_bytes(), selection, harvest, readmes)
-            elif _is_image_name(path):
+            elif is_image_file(path):
                 if chosen:
                     sources.append((path, (root / path).read_bytes()))
                 else:
@@ -851,12 +846,12 @@ def _select_members(
         return []
     readmes.update(_rcc_readme_licences(bundle))
     for member, why in sorted(bundle.unsupported.items()):
-        if _is_image_name(member):
+        if is_image_file(member):
             log.warning("%s: %s:%s skipped (%s)", harvest.package, bundle_path, member, why)
             harvest.skipped["unsupported compression"] += 1
     chosen = []
     for member, blob in sorted(bundle.files.items()):
-        if not _is_image_name(member):
+        if not is_image_file(member):
             continue
         if not _matches(member, selection.members):
             harvest.skipped["not selected"] += 1

@@ -12,47 +12,41 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import warnings
-from collections.abc import Iterable, Sequence
+import posixpath
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
-from PIL import Image, ImageOps
+from PIL import Image
 
+from dfnet.images import decode_image
 from dfnet.masks import random_affine
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "PARQUET_SCHEMA",
     "SPLITS",
-    "decode_image",
-    "decode_png_batch",
+    "PhotoSource",
+    "decode_photo",
     "encode_jpeg",
-    "encode_png",
     "filesystem_for",
     "load_photos",
     "quota_splits",
-    "resize_short_side",
     "read_split",
-    "sample_photo_paths",
+    "resize_short_side",
     "sample_photos",
     "split_of",
     "stable_hash",
     "train_crop",
     "training_mask",
-    "try_decode_image",
 ]
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-
-#: File extensions read from folder and S3 sources (matched case-insensitively).
-IMAGE_EXTENSIONS: tuple[str, ...] = (
-    "png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff", "webp", "ppm", "pgm",
-)  # fmt: skip
 
 #: One row per photo. ``key`` = ``source`` = the photo's key (its path relative to the source
 #: root); ``image`` = JPEG bytes of the photo scaled to the stored short side.
@@ -114,86 +108,8 @@ def sample_photos() -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
-def sample_photo_paths() -> list[Path]:
-    """Paths of :func:`sample_photos`, sorted by key."""
-    return list(sample_photos().values())
-
-
 # ---------------------------------------------------------------------------------------------
-# Decoding and encoding
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB.
-
-    16-bit and 32-bit grey are rescaled rather than clipped (Pillow's own ``convert`` would clip
-    every value above 255 to white); transparency is composited over white, the way viewers
-    show it, instead of exposing whatever colour hides under transparent pixels.
-    """
-    mode = image.mode
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        if mode.startswith("I;16"):
-            top = 65535.0
-        elif mode == "I":
-            # 32-bit integer images are usually 16-bit data held in a wider type.
-            top = 65535.0 if values.max(initial=0.0) > 255 else 255.0
-        else:
-            top = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0
-        grey = np.clip(np.rint(values / top * 255.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
-    if mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-        mode = "RGBA"
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def try_decode_image(data: bytes) -> tuple[np.ndarray | None, str]:
-    """Decode image bytes to ``HxWx3`` uint8 RGB; returns ``(array, "")`` or ``(None, reason)``.
-
-    Never raises for bad input: truncated files, non-images and decompression bombs (Pillow's
-    ``MAX_IMAGE_PIXELS`` guard is left on) come back as ``None`` with a short reason. The first
-    frame of animated/multi-page files is used, and EXIF orientation is applied so phone photos
-    stand upright.
-    """
-    try:
-        with warnings.catch_warnings():
-            # Images between MAX_IMAGE_PIXELS and twice that only warn; treat them as errors too.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                # open() only reads the header; load() decodes, so truncation shows up here.
-                image.load()
-                image = ImageOps.exif_transpose(image)
-                rgb = _to_rgb(image)
-                array = np.asarray(rgb, dtype=np.uint8).copy()
-    except Image.UnidentifiedImageError:
-        return None, "not a recognised image format"
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return None, f"too large: {exc}"
-    except Exception as exc:  # any decoder failure means "unreadable", never a crash
-        return None, f"{type(exc).__name__}: {exc}"
-    if array.ndim != 3 or array.shape[2] != 3 or array.shape[0] < 1 or array.shape[1] < 1:
-        return None, f"unexpected decoded shape {array.shape}"
-    return array, ""
-
-
-def decode_image(data: bytes) -> np.ndarray | None:
-    """``HxWx3`` uint8 RGB from encoded bytes, or None when they are not a readable image."""
-    return try_decode_image(data)[0]
-
-
-def encode_png(array: np.ndarray) -> bytes:
-    """Lossless PNG bytes of an ``HxWx3`` (or ``HxW``) uint8 array; deterministic."""
-    array = np.asarray(array)
-    if array.dtype != np.uint8:
-        raise ValueError(f"encode_png expects uint8, got {array.dtype}")
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG", compress_level=6)
-    return buffer.getvalue()
+# Stored photos
 
 
 def encode_jpeg(array: np.ndarray, quality: int = 95) -> bytes:
@@ -204,19 +120,54 @@ def encode_jpeg(array: np.ndarray, quality: int = 95) -> bytes:
     return buffer.getvalue()
 
 
-def decode_png_batch(blobs: Sequence[bytes]) -> np.ndarray:
-    """Decode a batch of same-sized encoded images to ``(N, H, W, 3)`` uint8."""
-    arrays = []
-    for index, blob in enumerate(blobs):
-        array, reason = try_decode_image(blob)
-        if array is None:
-            raise ValueError(f"image {index} of the batch is unreadable: {reason}")
-        if arrays and array.shape != arrays[0].shape:
-            raise ValueError(f"image {index} has shape {array.shape}, expected {arrays[0].shape}")
-        arrays.append(array)
-    if not arrays:
-        raise ValueError("decode_png_batch needs at least one image")
-    return np.stack(arrays)
+def decode_photo(data: bytes) -> np.ndarray:
+    """A stored or source photo as ``HxWx3`` uint8 RGB through the one decoder
+    (:func:`dfnet.images.decode_image`); raises ``ValueError`` when it is unreadable."""
+    return decode_image(data, mode="RGB")
+
+
+@dataclass(frozen=True)
+class PhotoSource:
+    """How the prepare stage names and splits the files of ``data.source`` and stores each one.
+
+    Folder and S3 sources key a photo by its path relative to ``root`` and split it by a hash
+    of that key (:func:`split_of`); the sample source gives its keys and quota splits.
+    """
+
+    store_short_side: int
+    val_fraction: float
+    test_fraction: float
+    root: str = ""
+    keys: dict[str, str] | None = None  # path -> key (sample source)
+    splits: dict[str, str] | None = None  # key -> split (sample source)
+
+    def key_of(self, path: str) -> str:
+        if self.keys is not None:
+            return self.keys[path]
+        root = self.root.rstrip("/")
+        if path == root:  # the source named a single file
+            return posixpath.basename(path)
+        return path[len(root) + 1 :] if root and path.startswith(root + "/") else path
+
+    def row(self, path: str, data: bytes) -> dict[str, Any]:
+        """One file -> its row of :data:`PARQUET_SCHEMA` plus ``error``: the reason it is
+        unreadable (and no image), or "" for a stored photo."""
+        key = self.key_of(path)
+        try:
+            photo = resize_short_side(decode_photo(data), self.store_short_side, upscale=False)
+        except ValueError as exc:
+            return {"key": key, "source": key, "split": "", "image": b"", "height": 0, "width": 0, "error": str(exc)}
+        split = self.splits[key] if self.splits is not None else split_of(key, self.val_fraction, self.test_fraction)
+        return {"key": key, "source": key, "split": split, "image": encode_jpeg(photo),
+                "height": photo.shape[0], "width": photo.shape[1], "error": ""}  # fmt: skip
+
+    @classmethod
+    def sample(cls, store_short_side: int, val_fraction: float, test_fraction: float) -> tuple[list[str], PhotoSource]:
+        """The bundled sample photos' paths and their naming (quota splits: none left empty)."""
+        photos = sample_photos()
+        paths = [os.path.abspath(p) for p in photos.values()]
+        splits = quota_splits(photos, val_fraction, test_fraction)
+        return paths, cls(store_short_side, val_fraction, test_fraction, keys=dict(zip(paths, photos)), splits=splits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,28 +322,18 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
 
-def _shard_paths(fs: pafs.FileSystem, directory: str) -> list[str]:
-    selector = pafs.FileSelector(directory, allow_not_found=True, recursive=False)
-    infos = fs.get_file_info(selector)
-    return sorted(
-        i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
-    )
+def read_split(root: str, split: str) -> pa.Table:
+    """The Parquet shards of ``{root}/{split}`` as one table, rows in key order.
 
-
-def read_split(root: str, split: str, filesystem: pafs.FileSystem | None = None) -> pa.Table:
-    """All Parquet shards ``{root}/{split}/*.parquet`` as one table (rows in shard order).
-
-    ``root`` may be a local folder or a URI (``s3://bucket/prefix``); with ``filesystem``
-    given, ``root`` is a path inside it.
+    ``root`` may be a local folder or a URI (``s3://bucket/prefix``).
     """
-    if filesystem is None:
-        filesystem, root = filesystem_for(root)
-    directory = f"{str(root).rstrip('/')}/{split}"
-    paths = _shard_paths(filesystem, directory)
-    if not paths:
+    filesystem, path = filesystem_for(root)
+    directory = f"{path}/{split}"
+    if filesystem.get_file_info(directory).type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"no Parquet shards in {directory}; run the prepare stage first")
-    tables = [pq.read_table(p, filesystem=filesystem, schema=PARQUET_SCHEMA) for p in paths]
-    return pa.concat_tables(tables)
+    dataset = pads.dataset(directory, schema=PARQUET_SCHEMA, format="parquet", filesystem=filesystem)
+    # Shards are named part-0, part-1, ..., part-10: file order is not row order, the key is.
+    return dataset.to_table().sort_by("key")
 
 
 def load_photos(data_dir: str, split: str, short_side: int, limit: int = 0) -> tuple[list[str], list[np.ndarray]]:
@@ -403,9 +344,8 @@ def load_photos(data_dir: str, split: str, short_side: int, limit: int = 0) -> t
     picks = range(len(keys))
     if 0 < limit < len(keys):
         picks = np.linspace(0, len(keys) - 1, limit).round().astype(int).tolist()
-    photos = [resize_short_side(try_decode_image(blobs[i])[0], short_side) for i in picks]
+    photos = [resize_short_side(decode_photo(blobs[i]), short_side) for i in picks]
     return [keys[i] for i in picks], photos
-
 
 
 # ---------------------------------------------------------------------------------------------

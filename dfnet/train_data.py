@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from dfnet.data import read_split, train_crop, training_mask, try_decode_image
+from dfnet.data import decode_photo, read_split, train_crop, training_mask
 
 __all__ = ["PhotoCrops", "set_epoch", "training_loader"]
 
@@ -73,9 +73,7 @@ class PhotoCrops(Dataset):
     def _photo(self, photo: int) -> np.ndarray:
         if photo in self._decoded:
             return self._decoded[photo]
-        image, reason = try_decode_image(self.photos[photo])
-        if image is None:  # prepare stores only decodable photos; this is a corrupted shard
-            raise ValueError(f"training photo {photo} is unreadable: {reason}")
+        image = decode_photo(self.photos[photo])  # prepare stores decodable photos only
         if self._cached_bytes + image.nbytes <= self.cache_bytes:
             self._decoded[photo] = image
             self._cached_bytes += image.nbytes

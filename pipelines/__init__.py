@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from dfnet.params import Params, load_params
 
@@ -15,3 +16,13 @@ def stage_params(description: str, argv: list[str] | None = None) -> Params:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return load_params(args.params)
+
+
+def ensure_ray() -> None:
+    """Connect to Ray unless connected: the cluster named by ``RAY_ADDRESS`` or started with
+    ``ray start``, else a local instance; usage stats off unless the user turned them on."""
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init()

@@ -1,4 +1,4 @@
-"""dfnet.data: decoding, crops, splits, Parquet shards and training-time mask sampling."""
+"""dfnet.data: stored photos, crops, splits, Parquet shards and training-time mask sampling."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from dfnet import data
+from dfnet.images import encode_png
 from dfnet.masks import mask_pool
 
 
@@ -29,97 +30,34 @@ def _noise(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
-# --- decoding -------------------------------------------------------------------------------
+# --- stored photos --------------------------------------------------------------------------
+# The decoder itself (modes, EXIF, limits) is tested in test_images.py.
 
 
-def test_decode_png_is_exact():
-    image = _noise(23, 37)
-    decoded = data.decode_image(_encode(image))
-    assert decoded is not None
-    assert decoded.dtype == np.uint8 and decoded.shape == (23, 37, 3)
-    np.testing.assert_array_equal(decoded, image)
-
-
-def test_decode_rgba_composites_transparency_over_white():
+def test_decode_photo_gives_rgb_with_transparency_over_white():
     rgba = np.zeros((8, 10, 4), dtype=np.uint8)
     rgba[:, :5] = (10, 20, 30, 255)  # opaque left half keeps its colour
     rgba[:, 5:] = (200, 0, 0, 0)  # transparent right half: the hidden red must not show
-    decoded = data.decode_image(_encode(rgba))
-    assert decoded is not None and decoded.shape == (8, 10, 3)
-    assert np.all(decoded[:, :5] == (10, 20, 30))
-    assert np.all(decoded[:, 5:] == 255)
-
-
-def test_decode_grey_becomes_rgb():
-    grey = np.arange(60, dtype=np.uint8).reshape(6, 10) * 4
-    decoded = data.decode_image(_encode(grey))
-    assert decoded is not None and decoded.shape == (6, 10, 3)
-    for channel in range(3):
-        np.testing.assert_array_equal(decoded[..., channel], grey)
-
-
-def test_decode_16_bit_grey_is_rescaled_not_clipped():
-    values = np.array([[0, 32896, 65535]], dtype=np.uint16)
-    decoded = data.decode_image(_encode(values))
-    assert decoded is not None
-    np.testing.assert_array_equal(decoded[0, :, 0], [0, 128, 255])
-
-
-def test_decode_palette_and_cmyk():
-    image = np.zeros((4, 6, 3), dtype=np.uint8)
-    image[:, 3:] = (0, 255, 255)
-    palette = data.decode_image(_encode(image, mode="P"))
-    assert palette is not None
-    np.testing.assert_array_equal(palette, image)
-    cmyk = data.decode_image(_encode(image, fmt="JPEG", mode="CMYK", quality=95))
-    assert cmyk is not None and cmyk.shape == (4, 6, 3)
-    assert np.abs(cmyk[:, 4:].astype(int) - (0, 255, 255)).max() < 40
-
-
-def test_decode_applies_exif_orientation():
-    exif = Image.Exif()
-    exif[0x0112] = 6  # "rotate 90 CW to display"
-    blob = _encode(_noise(20, 40), fmt="JPEG", exif=exif.tobytes())
-    decoded = data.decode_image(blob)
-    assert decoded is not None and decoded.shape == (40, 20, 3)
-
-
-@pytest.mark.parametrize(
-    "blob",
-    [
-        b"",
-        b"hello, I am a text file pretending to be a PNG\n",
-        np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
-        _encode(_noise(64, 64))[:400],  # truncated PNG
-        _encode(_noise(64, 64), fmt="JPEG")[:600],  # truncated JPEG
-    ],
-    ids=["empty", "text", "random", "truncated-png", "truncated-jpeg"],
-)
-def test_decode_unreadable_gives_none_with_reason(blob):
-    assert data.decode_image(blob) is None
-    array, reason = data.try_decode_image(blob)
-    assert array is None and reason
-
-
-def test_decode_keeps_pillow_decompression_bomb_guard(monkeypatch):
-    blob = _encode(_noise(40, 40))
-    assert data.decode_image(blob) is not None
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 40 // 2 - 1)  # > 2x limit: an error
-    array, reason = data.try_decode_image(blob)
-    assert array is None and "too large" in reason
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 40 - 1)  # just over: only a warning
-    assert data.decode_image(blob) is None
-
-
-def test_png_batch_round_trip():
-    images = [_noise(9, 11, seed) for seed in range(3)]
-    batch = data.decode_png_batch([data.encode_png(i) for i in images])
-    assert batch.shape == (3, 9, 11, 3) and batch.dtype == np.uint8
-    np.testing.assert_array_equal(batch, np.stack(images))
+    decoded = data.decode_photo(_encode(rgba))
+    assert decoded.shape == (8, 10, 3)
+    assert np.all(decoded[:, :5] == (10, 20, 30)) and np.all(decoded[:, 5:] == 255)
+    assert data.decode_photo(_encode(np.zeros((6, 10), np.uint8))).shape == (6, 10, 3)
     with pytest.raises(ValueError):
-        data.decode_png_batch([data.encode_png(images[0]), data.encode_png(_noise(5, 5))])
-    with pytest.raises(ValueError):
-        data.decode_png_batch([b"not an image"])
+        data.decode_photo(_encode(_noise(64, 64), fmt="JPEG")[:600])  # truncated
+
+
+def test_photo_source_rows_key_split_and_store_every_file():
+    source = data.PhotoSource(store_short_side=16, val_fraction=0.3, test_fraction=0.3, root="/photos")
+    row = source.row("/photos/sub/a.png", _encode(_noise(40, 20)))
+    assert row["key"] == row["source"] == "sub/a.png" and row["error"] == ""
+    assert row["split"] == data.split_of("sub/a.png", 0.3, 0.3)
+    assert (row["height"], row["width"]) == (32, 16) == data.decode_photo(row["image"]).shape[:2]
+    small = source.row("/photos/b.png", _encode(_noise(8, 12)))  # never scaled up
+    assert (small["height"], small["width"]) == (8, 12)
+    bad = source.row("/photos/c.png", b"not an image")
+    assert bad["image"] == b"" and bad["error"]
+    single = data.PhotoSource(16, 0.0, 0.0, root="/photos/one.png")  # the source names one file
+    assert single.row("/photos/one.png", _encode(_noise(8, 8)))["key"] == "one.png"
 
 
 # --- sample photos ----------------------------------------------------------------------------
@@ -128,11 +66,9 @@ def test_png_batch_round_trip():
 def test_sample_photos_are_decodable_photographs():
     photos = data.sample_photos()
     assert len(photos) >= 10
-    assert list(data.sample_photo_paths()) == list(photos.values())
     for key, path in photos.items():
         assert key.startswith(("skimage/", "sklearn/")) and path.is_file()
-        image = data.decode_image(path.read_bytes())
-        assert image is not None, key
+        image = data.decode_photo(path.read_bytes())
         assert image.ndim == 3 and image.shape[2] == 3
         assert min(image.shape[:2]) >= 256, key  # big enough for many distinct crops
         assert image.std() > 10, key  # not a flat synthetic image
@@ -231,7 +167,7 @@ def _rows(prefix: str, count: int) -> pa.Table:
             "key": [f"{prefix}#{i:05d}" for i in range(count)],
             "source": [prefix] * count,
             "split": ["val"] * count,
-            "image": [data.encode_png(i) for i in images],
+            "image": [encode_png(i) for i in images],
             "height": [16] * count,
             "width": [16] * count,
         },
@@ -239,17 +175,16 @@ def _rows(prefix: str, count: int) -> pa.Table:
     )
 
 
-def test_parquet_round_trip(tmp_path):
+def test_parquet_round_trip_gives_rows_in_key_order(tmp_path):
     (tmp_path / "val").mkdir()
     first, second = _rows("a.png", 3), _rows("b.png", 2)
-    pq.write_table(first, tmp_path / "val" / "part-00000.parquet")
-    pq.write_table(second, tmp_path / "val" / "part-00001.parquet")
+    # Shard names sort differently as text and as numbers: rows still come back in key order.
+    pq.write_table(second, tmp_path / "val" / "part-10.parquet")
+    pq.write_table(first, tmp_path / "val" / "part-9.parquet")
     table = data.read_split(str(tmp_path), "val")
     assert table.schema.equals(data.PARQUET_SCHEMA)
     assert table.equals(pa.concat_tables([first, second]))
-    images = data.decode_png_batch(table.column("image").to_pylist())
-    assert images.shape == (5, 16, 16, 3)
-    np.testing.assert_array_equal(images[3], _noise(16, 16, 0))
+    np.testing.assert_array_equal(data.decode_photo(table.column("image")[3].as_py()), _noise(16, 16, 0))
     with pytest.raises(FileNotFoundError):
         data.read_split(str(tmp_path), "test")
 

@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 import yaml
 
-from dfnet.data import decode_image, read_split
+from dfnet.data import read_split
 from dfnet.evaluation import METRICS, bin_label
+from dfnet.images import decode_image
 from dfnet.inpaint import Inpainter
 from dfnet.masks import HOLE_BINS, evaluation_masks
 

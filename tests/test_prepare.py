@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from dfnet import data
+from dfnet.images import decode_image
 from dfnet.masks import hole_ratio, load_masks
 from dfnet.params import DataParams, MaskParams
 from pipelines.make_masks import make_masks
@@ -73,11 +74,11 @@ def _check_tables(tables: dict[str, pa.Table], expected_split: dict[str, str], o
         for row in rows:
             assert row["split"] == split == expected_split[row["source"]]
             assert row["key"] == row["source"]
-            expected = data.resize_short_side(data.decode_image(originals[row["key"]]), SIZE, upscale=False)
-            image = data.decode_image(row["image"])
+            expected = data.resize_short_side(data.decode_photo(originals[row["key"]]), SIZE, upscale=False)
+            image = decode_image(row["image"])
             assert image.shape == expected.shape and (row["height"], row["width"]) == expected.shape[:2]
             # The stored pixels are exactly the scaled original through the stage's JPEG encoding.
-            np.testing.assert_array_equal(image, data.decode_image(data.encode_jpeg(expected)))
+            np.testing.assert_array_equal(image, decode_image(data.encode_jpeg(expected)))
         seen_keys.update(table.column("key").to_pylist())
         keys = [r["key"] for r in rows]
         assert keys == sorted(keys)  # in key order: reruns write identical tables
@@ -96,8 +97,6 @@ def test_prepare_folder_skips_bad_files_and_is_deterministic(ray_local, tmp_path
         out_dir=str(tmp_path / "out1"),
     )
     report = prepare(params)
-    # The stage orders its own dataset; the process-wide Ray Data settings are left as they were.
-    assert not ray_local.data.DataContext.get_current().execution_options.preserve_order
 
     assert report["num_skipped"] == 3
     assert {s["file"] for s in report["skipped"]} == set(BAD)
@@ -119,7 +118,7 @@ def test_prepare_folder_skips_bad_files_and_is_deterministic(ray_local, tmp_path
     second = DataParams(**{**params.__dict__, "out_dir": str(tmp_path / "out2")})
     stale = tmp_path / "out2" / "train"
     stale.mkdir(parents=True)
-    (stale / "part-00099.parquet").write_bytes(b"stale")
+    (stale / "part-99.parquet").write_bytes(b"stale")
     assert prepare(second)["splits"] == report["splits"]
     again = _read_all(second.out_dir)
     assert all(again[s].equals(tables[s]) for s in data.SPLITS)
