@@ -60,7 +60,12 @@ _POOL_ENDS = (5, 10, 17)
 
 @dataclass
 class LossConfig:
-    """Weights and scale sets of the DFNet loss (release defaults).
+    """Weights and scale sets of the DFNet loss: the ``loss`` section of params.yaml, whose
+    values these defaults are (tests/test_config.py keeps them equal).
+
+    ``p`` and ``q`` are the structure and texture losses' scale counts for the ``small``
+    preset's four fusion levels; the paper's ``official`` preset (six levels) uses its release
+    values p = 6, q = 3, set in params.yaml with ``model.preset: official`` (README, "Scaling up").
 
     ``texture_fallback`` decides what happens when the ImageNet VGG16 weights cannot be found:
     ``"random"`` uses a seeded, frozen, randomly initialised VGG16 (a weak proxy: the perceptual
@@ -72,10 +77,10 @@ class LossConfig:
     perceptual: float = 0.1
     style: float = 240.0
     tv: float = 0.1
-    p: int = 6
-    q: int = 3
+    p: int = 4
+    q: int = 2
     vgg_weights: str | None = None
-    texture_fallback: str = "random"
+    texture_fallback: str = "off"
 
 
 class VGG16Features(nn.Module):

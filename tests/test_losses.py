@@ -85,7 +85,7 @@ def test_vgg_stays_in_eval_mode() -> None:
     module = VGG16Features()
     module.train()
     assert not module.training
-    loss = DFNetLoss(LossConfig(p=1, q=1))
+    loss = DFNetLoss(LossConfig(p=1, q=1, texture_fallback="random"))
     loss.train()
     assert loss.vgg is not None and not loss.vgg.training
 
@@ -255,7 +255,7 @@ def test_identical_results_give_zero_structure_and_texture() -> None:
     gen = torch.Generator().manual_seed(3)
     target = torch.rand(2, 3, 64, 64, generator=gen)
     mask = torch.ones(2, 1, 64, 64)
-    loss = DFNetLoss(LossConfig(p=3, q=2))
+    loss = DFNetLoss(LossConfig(p=3, q=2, texture_fallback="random"))
     assert loss.texture_enabled
     out = loss(_pyramid(target, 3), target, mask)
     assert out["structure"].item() == 0.0
@@ -268,7 +268,7 @@ def test_identical_results_give_zero_structure_and_texture() -> None:
 
 def test_terms_are_nonzero_and_sum_to_total() -> None:
     results, target, mask = _inputs()
-    out = DFNetLoss(LossConfig(p=3, q=2))(results, target, mask)
+    out = DFNetLoss(LossConfig(p=3, q=2, texture_fallback="random"))(results, target, mask)
     for key in ("structure", "perceptual", "style", "tv"):
         assert out[key].item() > 0.0, key
     parts = sum(out[k] for k in ("structure", "perceptual", "style", "tv"))
@@ -306,7 +306,7 @@ def test_weights_scale_terms_linearly(term: str, field: str) -> None:
 
 def test_p_zero_drops_structure_and_q_zero_drops_texture() -> None:
     results, target, mask = _inputs()
-    out = DFNetLoss(LossConfig(p=0, q=2))(results, target, mask)
+    out = DFNetLoss(LossConfig(p=0, q=2, texture_fallback="random"))(results, target, mask)
     assert out["structure"].item() == 0.0
     assert out["perceptual"].item() > 0.0
     out = DFNetLoss(LossConfig(p=2, q=0))(results, target, mask)
@@ -330,7 +330,7 @@ def test_gradient_flows_only_to_used_scales() -> None:
 def test_texture_gradient_reaches_result_through_vgg() -> None:
     results, target, mask = _inputs(n=1)
     results[0].requires_grad_()
-    out = DFNetLoss(LossConfig(l1=0.0, tv=0.0, style=0.0, p=1, q=1))(results, target, mask)
+    out = DFNetLoss(LossConfig(l1=0.0, tv=0.0, style=0.0, p=1, q=1, texture_fallback="random"))(results, target, mask)
     out["total"].backward()
     assert results[0].grad is not None and results[0].grad.abs().sum() > 0
 
