@@ -1,7 +1,7 @@
 """Shared pytest fixtures: one local Ray for the session and a real S3 server on loopback.
 
 The S3 server is moto in server mode (a real HTTP S3 endpoint), so code under test uses its
-ordinary clients (pyarrow, boto3, s3fs) instead of patched ones.
+ordinary clients (pyarrow, boto3) instead of patched ones.
 """
 
 from __future__ import annotations

@@ -54,14 +54,18 @@ def page_url(ray_local, tmp_path_factory: pytest.TempPathFactory) -> str:
     from ray import serve
 
     from dfnet.pretrained import pretrained_dir
-    from serve.app import app_builder
+    from serve.app import InpaintDeployment
+    from serve.schemas import ServeSettings
 
     model_dir = pretrained_dir()
     serve.shutdown()  # a Serve left by another file would keep its own port
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {"source": str(model_dir), "num_cpus": 0, "torch_threads": 1, "warmup": False}
-    serve.run(app_builder(args), name="browser", route_prefix="/")
+    # The default inference path (compiled on a CPU with a C++ compiler), warmed up at the one
+    # size this test sends, as Serve warms up at start-up.
+    settings = ServeSettings(source=str(model_dir), warmup_sizes=[256])
+    deployment = InpaintDeployment.options(ray_actor_options={"num_cpus": 0})
+    serve.run(deployment.bind(settings), name="browser", route_prefix="/")
     yield f"http://127.0.0.1:{port}/"
     serve.shutdown()
 
@@ -72,7 +76,7 @@ def test_draw_submit_and_get_the_completed_image(
     sync_api = pytest.importorskip("playwright.sync_api")
     rng = np.random.default_rng(0)
     photo = tmp_path / "photo.png"
-    width, height = 200, 150
+    width, height = 240, 200  # padded to 256², the warmed-up size
     Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(photo)
 
     with sync_api.sync_playwright() as playwright:
@@ -137,5 +141,4 @@ def test_draw_submit_and_get_the_completed_image(
     changed = (result != original).any(axis=2)
     assert changed[height // 2, width // 2]  # under the stroke
     assert not changed[: height // 6].any() and not changed[-height // 6 :].any()  # far from it
-    stats = httpx.get(page_url + "stats").json()
-    assert stats["completed"] >= 1
+    assert httpx.get(page_url + "healthz").json() == {"status": "ok"}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,3 +150,24 @@ def download_registered_model(uri: str, tracking_uri: str | None = None) -> tupl
             raise FileNotFoundError(f"{uri} holds no DFNet model directory (looked in {local})")
         model_dir = candidates[0]
     return model_dir, info
+
+
+def has_registered_model(uri: str, tracking_uri: str | None = None) -> bool:
+    """Whether `models:/name@alias` (or `models:/name/version`) resolves in the registry at
+    `tracking_uri`, else $MLFLOW_TRACKING_URI, else ./mlflow.db when that file exists: never
+    creates a database, and any failure (no such model, no registry, unreachable) means no."""
+    if not tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        if not Path("mlflow.db").is_file():
+            return False
+        tracking_uri = f"sqlite:///{Path('mlflow.db').resolve()}"
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    name, _, alias = uri.removeprefix("models:/").partition("@")
+    try:
+        if alias:
+            client.get_model_version_by_alias(name, alias)
+        else:
+            client.get_model_version(*name.split("/", 1))
+        return True
+    except Exception as exc:
+        log.info("registry %s has no %s: %s", tracking_uri, uri, exc)
+        return False
