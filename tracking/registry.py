@@ -67,6 +67,28 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
         return experiment.experiment_id
 
 
+def start_tagged_run(tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> mlflow.ActiveRun:
+    """Resume the run of `experiment` that carries `tags`, or start one with them: a resumed job
+    (e.g. a restored Tune search) logs into its earlier run, as the parent of its child runs."""
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment_id = mlflow.set_experiment(experiment_id=ensure_experiment(tracking_uri, experiment)).experiment_id
+    query = " and ".join(f"tags.{key} = '{value}'" for key, value in tags.items())
+    found = mlflow.search_runs([experiment_id], query, max_results=1, output_format="list")
+    if found:
+        return mlflow.start_run(run_id=found[0].info.run_id)
+    return mlflow.start_run(run_name=run_name, tags=tags)
+
+
+def end_child_runs(parent_run_id: str, status: str = "KILLED") -> None:
+    """Mark the parent's child runs that are still RUNNING as `status`: their process was killed
+    (a Tune trial stopped early), so they never ended themselves."""
+    client = MlflowClient()
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    running = f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    for run in client.search_runs([experiment_id], running, max_results=10000):
+        client.set_terminated(run.info.run_id, status=status)
+
+
 @dataclass
 class Registration:
     name: str
