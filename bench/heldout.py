@@ -4,7 +4,7 @@
 
 Scores `--model` (default `train.out_dir`), the same architecture untrained, and OpenCV's Telea
 and Navier–Stokes at radius 3 and 5 on the held-out test photos at every `evaluate.sizes` short
-side, with the evaluate stage's own pairs and scores (pipelines/evaluate.py on dfnet.evaluation),
+side, with the evaluate stage's own pairs and scores (dfnet.evaluation.evaluate_heldout),
 so a number here means what the stage's number means. `--every-bin` scores each photo with every
 bin's mask instead of the stage's one bin per photo: five times the work, five times the pairs.
 
@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from quality import cpu_name, plot_alphas  # noqa: E402  (a sibling script in bench/)
 
-from dfnet.evaluation import better, comparison_grid
+from dfnet.evaluation import OPENCV_RADII, Results, better, comparison_grid, evaluate_heldout, stage_methods
 from dfnet.model import DFNet
 from dfnet.params import load_params
-from pipelines.evaluate import OPENCV_RADII, Results, evaluate_heldout, markdown_tables, stage_methods
+from dfnet.reports import markdown_tables
 
 
 def main(argv: list[str] | None = None) -> None:

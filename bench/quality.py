@@ -33,13 +33,23 @@ import numpy as np
 import torch
 
 from dfnet.data import filesystem_for, read_split
-from dfnet.evaluation import LOWER_IS_BETTER, METRICS, Method, Pair, better, comparison_grid, dfnet_method
+from dfnet.evaluation import (
+    LOWER_IS_BETTER,
+    METRICS,
+    Heldout,
+    Method,
+    Pair,
+    baseline_methods,
+    better,
+    comparison_grid,
+    dfnet_method,
+    evaluate_heldout,
+)
 from dfnet.losses import DFNetLoss
 from dfnet.masks import load_masks
 from dfnet.model import DFNet, FusionMode
 from dfnet.params import Params, load_params
 from dfnet.training import train
-from pipelines.evaluate import Heldout, baseline_methods, evaluate_heldout
 
 log = logging.getLogger("dfnet.bench.quality")
 

@@ -19,34 +19,45 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from dfnet.data import resize_short_side, stable_hash
+from dfnet.data import load_photos, resize_short_side, stable_hash
 from dfnet.inpaint import Inpainter
 from dfnet.masks import HOLE_BINS, evaluation_masks, hole_ratio
-from dfnet.metrics import bpe, default_band_width, l1_percent, psnr, ssim
-from dfnet.model import DFNet
+from dfnet.metrics import band_width_for, bpe, l1_percent, psnr, ssim
+from dfnet.model import CONFIG_NAME, DFNet
+from dfnet.params import Params
+from dfnet.pretrained import pretrained_dir, resolve_model_dir
 
 __all__ = [
     "LOWER_IS_BETTER",
     "METRICS",
+    "OPENCV_RADII",
     "PSNR_CAP_DB",
     "Example",
+    "Heldout",
     "Method",
     "Pair",
+    "Results",
+    "baseline_methods",
     "better",
     "bin_label",
     "comparison_grid",
     "dfnet_method",
+    "evaluate_heldout",
     "evaluate_methods",
     "evaluation_pairs",
     "mean_scores",
     "opencv_method",
+    "overall_mean",
     "score",
+    "split_scores",
+    "stage_methods",
     "validation_scores",
 ]
 
@@ -150,7 +161,7 @@ def score(completed: np.ndarray, truth: np.ndarray, known: np.ndarray, band_widt
     scales with the photo's short side, so it covers the same share of a hole at every size."""
     pred, target = _tensor(completed), _tensor(truth)
     mask = torch.from_numpy(known.astype(np.float32))[None, None]
-    band = default_band_width(*truth.shape[:2], width_at_256=band_width_at_256)
+    band = band_width_for(*truth.shape[:2], width_at_256=band_width_at_256)
     return {
         "l1": float(l1_percent(pred, target)[0]),
         "bpe": float(bpe(pred, target, mask, band_width=band)[0]),
@@ -237,24 +248,115 @@ def evaluate_methods(
     return results, [Example(pairs[index], completions[index]) for index in keep]
 
 
-def validation_scores(
-    model: DFNet, photos: list[np.ndarray], keys: list[str], short_side: int, band_width: int, seed: int
-) -> dict[str, float]:
-    """Mean l1, BPE, PSNR and SSIM of `model` on validation photos, scored like the test photos.
+def split_scores(
+    methods: Mapping[str, Method],
+    data_dir: str,
+    split: str,
+    short_side: int,
+    band_width: int,
+    seed: int,
+    max_photos: int = 0,
+    examples: int = 0,
+    every_bin: bool = False,
+) -> tuple[dict[str, dict[str, dict[str, float]]], list[Example], int]:
+    """Score `methods` on a prepared split's photos at `short_side`: the one path behind the
+    evaluate stage (test photos), training validation (val photos) and the Tune search.
 
-    To fit after every training epoch each photo is completed once, with the mask of one bin
-    (bins cycle over the sorted keys, see `evaluation_pairs(every_bin=False)`); the mean is taken
-    over the bins. The model's train/eval mode is restored afterwards.
+    Up to `max_photos` photos (0 = all, evenly spaced), each with one bin's mask or, with
+    `every_bin`, with every bin's. Returns (per-bin scores as `evaluate_methods` gives them,
+    the examples for a grid, the number of photos scored).
     """
-    if len(photos) != len(keys):
-        raise ValueError(f"got {len(photos)} photos but {len(keys)} keys")
-    pairs = evaluation_pairs(dict(zip(keys, photos)), short_side, seed, every_bin=False)
+    keys, photos = load_photos(data_dir, split, short_side, max_photos)
+    # With under two photos per bin, cycling bins would leave bins empty or resting on one
+    # photo (the 15 bundled photos give 2 test photos): then every photo meets every bin.
+    all_bins = every_bin or len(keys) < 2 * len(HOLE_BINS)
+    pairs = evaluation_pairs(dict(zip(keys, photos)), short_side, seed, every_bin=all_bins)
+    per_bin, picked = evaluate_methods(methods, pairs, band_width, examples=examples)
+    return per_bin, picked, len(keys)
+
+
+def validation_scores(model: DFNet, params: Params) -> dict[str, float]:
+    """Mean l1, BPE, PSNR and SSIM of `model` on the validation photos at `train.val_short_side`,
+    scored exactly as the evaluate stage scores the test photos (same pairs, band and 8-bit
+    completions). The model's train/eval mode is restored afterwards."""
+    t, ev = params.train, params.evaluate
     was_training = model.training
     try:
-        results, _ = evaluate_methods({"dfnet": dfnet_method(model)}, pairs, band_width)
+        per_bin, _, _ = split_scores(
+            {"dfnet": dfnet_method(model)}, params.data.out_dir, "val", t.val_short_side,
+            ev.band_width, ev.mask_seed, t.val_max_photos,
+        )  # fmt: skip
     finally:
         model.train(was_training)
-    return mean_scores(results["dfnet"].values())
+    return mean_scores(per_bin["dfnet"].values())
+
+
+# --------------------------------------------------------------------------------- held-out
+
+#: {method: {size: {bin label: {metric: mean}}}}, sizes as strings (JSON keys).
+Results = dict[str, dict[str, dict[str, dict[str, float]]]]
+#: OpenCV radii of `bench/heldout.py`. The stage scores radius 3 only: radius 5 costs over twice as
+#: much at 512 px with large holes and scored within 2% of radius 3 on the sample photos.
+OPENCV_RADII = (3, 5)
+
+
+def baseline_methods(radii: tuple[int, ...] = (3,)) -> dict[str, Method]:
+    """OpenCV Telea and Navier–Stokes at each radius, named "telea" and "ns" at radius 3 and
+    "telea_r5", "ns_r5", ... at the others."""
+    methods = {}
+    for name, flag in (("telea", cv2.INPAINT_TELEA), ("ns", cv2.INPAINT_NS)):
+        for radius in radii:
+            methods[name if radius == 3 else f"{name}_r{radius}"] = opencv_method(flag, radius)
+    return methods
+
+
+def stage_methods(params: Params, model_dir: str | Path, radii: tuple[int, ...] = (3,)) -> dict[str, Method]:
+    """The trained model in `model_dir`, the model shipped with the package (what fine-tuning
+    started from; left out when `model_dir` is that model), the untrained network (seeded like
+    training; with `model.prefill` it returns exactly its pre-fill) and the OpenCV baselines at
+    `radii`: what the evaluate stage and `bench/heldout.py` compare."""
+    torch.manual_seed(params.train.seed)
+    untrained = params.model.build().eval()
+    shipped = pretrained_dir()
+    compare_shipped = (shipped / CONFIG_NAME).is_file() and resolve_model_dir(model_dir).resolve() != shipped.resolve()
+    return {
+        "dfnet": dfnet_method(DFNet.from_pretrained(model_dir)),
+        **({"shipped": dfnet_method(DFNet.from_pretrained(shipped))} if compare_shipped else {}),
+        "untrained": dfnet_method(untrained),
+        **baseline_methods(radii),
+    }
+
+
+@dataclass
+class Heldout:
+    """What `evaluate_heldout` measured."""
+
+    results: Results
+    examples: list[Example]  # `grid_rows` per size, for the comparison grid
+    photos: dict[str, int]  # test photos scored per size
+
+
+def evaluate_heldout(
+    params: Params, methods: dict[str, Method], grid_rows: int = 0, every_bin: bool = False
+) -> Heldout:
+    """Score `methods` on the test photos at every `evaluate.sizes` short side, each photo with one
+    bin's mask (the stage, the Tune search, the registry) or, with `every_bin`, with every bin's."""
+    ev = params.evaluate
+    heldout = Heldout({name: {} for name in methods}, [], {})
+    for size in ev.sizes:
+        per_bin, examples, photos = split_scores(
+            methods, params.data.out_dir, "test", size, ev.band_width, ev.mask_seed, ev.max_photos, grid_rows, every_bin
+        )
+        for name in methods:
+            heldout.results[name][str(size)] = per_bin[name]
+        heldout.examples.extend(examples)
+        heldout.photos[str(size)] = photos
+    return heldout
+
+
+def overall_mean(per_size: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
+    """One method's metrics averaged over every size and bin: the number the registry compares."""
+    return mean_scores(scores for bins in per_size.values() for scores in bins.values())
 
 
 # --------------------------------------------------------------------------------- grid

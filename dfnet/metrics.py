@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 __all__ = [
     "FIDResult",
+    "band_width_for",
     "boundary_band",
     "bpe",
-    "default_band_width",
     "fid",
     "fid_from_features",
     "frechet_distance",
@@ -70,21 +70,21 @@ def boundary_band(mask: torch.Tensor, width: int) -> torch.Tensor:
     return near_known * (1.0 - known)
 
 
-def default_band_width(height: int, width: int, width_at_256: int = 5) -> int:
-    """BPE band width for an image size: `width_at_256` px at 256x256 (the project's default 5;
-    the paper does not publish its n), scaled with the shorter side, at least 1."""
+def band_width_for(height: int, width: int, width_at_256: int) -> int:
+    """BPE band width for an image size: `width_at_256` px (params.yaml's `evaluate.band_width`;
+    the paper does not publish its n) at a 256 px short side, scaled with it, at least 1."""
     return max(1, round(width_at_256 * min(height, width) / 256))
 
 
 def bpe(
-    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, band_width: int = 5
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, band_width: int
 ) -> torch.Tensor:
     """Boundary Pixels Error per image: ``||b * (I - I_hat)||_1 / ||b||_1`` x100.
 
     ``b`` is :func:`boundary_band` broadcast over the channels, so this is the mean absolute
     error over band pixels and channels, in percent of the [0, 1] range like :func:`l1_percent`
     (the paper's own BPE scale is unpublished). Images whose band is empty (no hole, or no known
-    pixel) give NaN. Use :func:`default_band_width` for sizes other than 256.
+    pixel) give NaN. :func:`band_width_for` scales the band with the image size.
     """
     _check_pair(pred, target)
     if mask.shape[0] != pred.shape[0] or mask.shape[2:] != pred.shape[2:]:

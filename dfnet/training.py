@@ -27,7 +27,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from dfnet.data import filesystem_for, load_photos
+from dfnet.data import filesystem_for, read_split
 from dfnet.evaluation import validation_scores
 from dfnet.losses import DFNetLoss
 from dfnet.masks import load_masks
@@ -224,13 +224,12 @@ def train(
         crops_per_photo=t.crops_per_photo, seed=t.seed, rank=rank, world=world,
         workers=t.loader_workers, max_zoom_out=t.max_zoom_out,
     )  # fmt: skip
-    val_keys, val_photos = ([], [])
-    if rank == 0:  # the other ranks report no metrics
-        val_keys, val_photos = load_photos(params.data.out_dir, "val", t.val_short_side, t.val_max_photos)
+    # Rank 0 validates (the other ranks report no metrics), when there are validation photos.
+    val_photos = read_split(params.data.out_dir, "val").num_rows if rank == 0 else 0
     steps_per_epoch = len(loader)
     log.info(
         "[rank %d] %d training photos × %d crops → %d steps per epoch of %d, %d validation photos",
-        rank, len(loader.dataset.photos), t.crops_per_photo, steps_per_epoch, t.batch_size, len(val_photos),
+        rank, len(loader.dataset.photos), t.crops_per_photo, steps_per_epoch, t.batch_size, val_photos,
     )  # fmt: skip
 
     while state["epoch"] < t.epochs:
@@ -262,11 +261,8 @@ def train(
         recalibrate_batchnorm(bare, loader, t.bn_recalibration_batches, device)
         state["epoch"] = epoch + 1
         metrics: dict[str, float] = {"step": state["step"], "epoch": epoch, "loss": losses.get("total", float("nan"))}
-        if rank == 0 and val_photos:
-            scores = validation_scores(
-                bare, val_photos, val_keys, t.val_short_side, params.evaluate.band_width, params.evaluate.mask_seed
-            )
-            validation = {f"val_{k}": v for k, v in scores.items()}
+        if val_photos:
+            validation = {f"val_{k}": v for k, v in validation_scores(bare, params).items()}
             metrics.update(validation)
             state["history"].append({"step": state["step"], "epoch": epoch, **validation})
             log.info("epoch %d validation: %s", epoch, " ".join(f"{k}={v:.3f}" for k, v in validation.items()))

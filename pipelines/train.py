@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -30,8 +29,9 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
 from dfnet.params import Params, parse_params
+from dfnet.reports import write_training_report
 from dfnet.training import State, checkpoint_state, export_model, run_identity, train
-from pipelines import stage_params
+from pipelines import ensure_ray, stage_params
 
 log = logging.getLogger("dfnet.train")
 STATE_FILE = "train_state.pt"
@@ -148,56 +148,9 @@ def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> State:
         return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def write_training_report(
-    history: list[dict[str, Any]], out_dir: Path, elapsed_s: float
-) -> dict[str, Any]:
-    """metrics/train.json (for `dvc metrics`), train_history.csv (for `dvc plots`) and a PNG curve."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    steps = [h for h in history if "loss_total" in h]
-    vals = [h for h in history if "val_l1" in h]
-    with open(out_dir / "train_history.csv", "w") as f:
-        f.write("step,loss_total,loss_structure,loss_texture,images_per_s\n")
-        for h in steps:
-            texture = h["loss_perceptual"] + h["loss_style"] + h["loss_tv"]
-            f.write(
-                f"{h['step']},{h['loss_total']:.6f},{h['loss_structure']:.6f},{texture:.6f},{h['images_per_s']:.2f}\n"
-            )
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax1.plot([h["step"] for h in steps], [h["loss_total"] for h in steps], label="total")
-    ax1.plot([h["step"] for h in steps], [h["loss_structure"] for h in steps], label="structure")
-    ax1.set(xlabel="step", ylabel="training loss", yscale="log", title="Training loss")
-    ax1.legend()
-    ax2.plot([h["step"] for h in vals], [h["val_l1"] for h in vals], "o-", label="val ℓ1 (%)")
-    ax2.plot([h["step"] for h in vals], [h["val_bpe"] for h in vals], "s-", label="val BPE (%)")
-    ax2.set(xlabel="step", title="Validation")
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "train_curve.png", dpi=110)
-    plt.close(fig)
-    summary = {
-        "steps": steps[-1]["step"] if steps else 0,
-        "first_loss": steps[0]["loss_total"] if steps else None,
-        "final_loss": steps[-1]["loss_total"] if steps else None,
-        "final_val_l1": vals[-1]["val_l1"] if vals else None,
-        "final_val_bpe": vals[-1]["val_bpe"] if vals else None,
-        "median_images_per_s": float(np.median([h["images_per_s"] for h in steps]))
-        if steps
-        else None,
-        "elapsed_s": round(elapsed_s, 1),
-    }
-    (out_dir / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
 def main(argv: list[str] | None = None) -> None:
     params = stage_params(__doc__, argv)
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
     name = run_identity(params)
     if not params.train.resume:
         _remove_run(params.train.storage_path, name)

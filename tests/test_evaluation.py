@@ -26,14 +26,18 @@ from dfnet.evaluation import (
     better,
     bin_label,
     comparison_grid,
+    dfnet_method,
+    evaluate_heldout,
     evaluate_methods,
     evaluation_pairs,
     opencv_method,
+    overall_mean,
     score,
     validation_scores,
 )
 from dfnet.masks import HOLE_BINS, hole_ratio
 from dfnet.model import build_model
+from dfnet.params import parse_params
 
 SHAPES = {
     "a-wide.jpg": (96, 128),
@@ -74,14 +78,16 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A prepared data folder whose test split holds the PHOTOS, one row each, in key order."""
+    """A prepared data folder whose test split holds the PHOTOS, one row each, in key order, and
+    whose validation split holds the same photos under the same keys (so the same pairs)."""
     root = tmp_path_factory.mktemp("prepared")
-    rows = [
-        {"key": k, "source": k, "split": "test", "image": encode_jpeg(p), "height": p.shape[0], "width": p.shape[1]}
-        for k, p in PHOTOS.items()
-    ]
-    (root / "test").mkdir()
-    pq.write_table(pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA), root / "test" / "part-00000.parquet")
+    for split in ("test", "val"):
+        rows = [
+            {"key": k, "source": k, "split": split, "image": encode_jpeg(p), "height": p.shape[0], "width": p.shape[1]}
+            for k, p in PHOTOS.items()
+        ]
+        (root / split).mkdir()
+        pq.write_table(pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA), root / split / "part-0.parquet")
     return root
 
 
@@ -179,16 +185,26 @@ def test_grid_has_one_row_per_example_from_different_photos_and_bins():
     assert not np.array_equal(pixels[heights[1] - row : heights[1]], pixels[heights[2] - row : heights[2]])
 
 
-def test_validation_scores_average_every_metric_and_keep_the_training_mode():
+def test_validation_and_evaluate_score_the_same_model_and_pairs_the_same(prepared: Path):
+    """Training validation and the evaluate stage (and so Tune and the registry, which read it)
+    are one scoring: the configured BPE band, 8-bit completions, the same pairs."""
     torch.manual_seed(0)
     model = build_model("small").train()
-    keys = sorted(PHOTOS)
-    scores = validation_scores(model, [PHOTOS[k] for k in keys], keys, 64, band_width=5, seed=0)
+    params = parse_params({
+        "data": {"out_dir": str(prepared)},
+        "train": {"val_short_side": 64, "val_max_photos": 5},
+        "evaluate": {"sizes": [64], "max_photos": 5, "band_width": 9, "mask_seed": 3},
+    })  # fmt: skip
+    validation = validation_scores(model, params)
+    assert model.training  # validation leaves the training mode as it found it
 
-    assert set(scores) == set(METRICS)
-    assert all(math.isfinite(v) for v in scores.values())
-    assert 0 < scores["l1"] < 100 and 0 < scores["ssim"] < 1
-    assert model.training
+    assert set(validation) == set(METRICS)
+    assert all(math.isfinite(v) for v in validation.values())
+    assert 0 < validation["l1"] < 100 and 0 < validation["ssim"] < 1
+    assert overall_mean(evaluate_heldout(params, {"dfnet": dfnet_method(model)}).results["dfnet"]) == validation
+    # The band is the configured one: another band width gives another BPE.
+    params.evaluate.band_width = 2
+    assert validation_scores(model, params)["bpe"] != validation["bpe"]
 
 
 def test_evaluate_stage_writes_every_method_size_and_bin(prepared: Path, tmp_path: Path):

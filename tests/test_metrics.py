@@ -130,12 +130,12 @@ def test_bpe_empty_band_is_nan() -> None:
     assert torch.isnan(result).all()
 
 
-def test_default_band_width() -> None:
-    assert Mt.default_band_width(256, 256) == 5
-    assert Mt.default_band_width(512, 512) == 10
-    assert Mt.default_band_width(512, 384) == 8  # 5 * 384 / 256 = 7.5
-    assert Mt.default_band_width(64, 64) == 1
-    assert Mt.default_band_width(16, 16) == 1  # never 0
+def test_band_width_for() -> None:
+    assert Mt.band_width_for(256, 256, 5) == 5
+    assert Mt.band_width_for(512, 512, 5) == 10
+    assert Mt.band_width_for(512, 384, 5) == 8  # 5 * 384 / 256 = 7.5
+    assert Mt.band_width_for(64, 64, 5) == 1
+    assert Mt.band_width_for(16, 16, 5) == 1  # never 0
 
 
 # --- PSNR and SSIM ------------------------------------------------------------------------------
