@@ -91,19 +91,23 @@ def load_inpainter(settings: ServeSettings) -> tuple[Inpainter, dict[str, Any]]:
         config=model.config.to_dict(),
         provenance=getattr(model, "provenance", {}),
         device=str(device),
+        torch_threads=torch.get_num_threads(),  # Ray sets OMP_NUM_THREADS from the replica's num_cpus
         inference=runner.path.name if runner else "off",
         work_size=inpainter.work_size,
     )
     return inpainter, info
 
 
-def forward_area(inpainter: Inpainter, shape: tuple[int, ...], strategy: str) -> int:
-    """Pixels of one image's network input: the padded image for small photos, windows of at
-    most work_size² otherwise (an estimate of `Inpainter`'s plan, used to size passes)."""
+def images_per_pass(inpainter: Inpainter, shape: tuple[int, ...], strategy: str, forward_pixels: int, most: int) -> int:
+    """How many images of `shape` fit a forward pass of `forward_pixels`, from 1 to `most`.
+    An image's network input is the padded image for small photos, windows of at most
+    work_size² otherwise (an estimate of `Inpainter`'s plan)."""
     m, work = inpainter.multiple, inpainter.work_size
     if strategy == "pad" or (strategy == "auto" and max(shape[:2]) <= 2 * work):
-        return -(-shape[0] // m) * m * (-(-shape[1] // m) * m)
-    return (-(-work // m) * m) ** 2
+        area = -(-shape[0] // m) * m * (-(-shape[1] // m) * m)
+    else:
+        area = (-(-work // m) * m) ** 2
+    return max(1, min(most, forward_pixels // area))
 
 
 api = FastAPI(
@@ -158,10 +162,10 @@ class InpaintDeployment:
 
     def _pass_size(self, jobs: list[Job]) -> int:
         """Images per forward pass for these jobs: as many as forward_pixels allows."""
+        most = self.settings.max_batch_size
         if not self.forward_pixels:
-            return self.settings.max_batch_size
-        area = max(forward_area(self.inpainter, job.hole.shape, job.strategy) for job in jobs)
-        return max(1, min(self.settings.max_batch_size, self.forward_pixels // area))
+            return most
+        return min(images_per_pass(self.inpainter, j.hole.shape, j.strategy, self.forward_pixels, most) for j in jobs)
 
     def _run_jobs(self, jobs: list[Job]) -> list[Any]:
         """On the model thread: one `inpaint_batch` per strategy; within it, windows of equal
