@@ -136,7 +136,8 @@ def prepare(params: DataParams) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    prepare(stage_params(__doc__, argv).data)
+    params = stage_params(__doc__, argv)
+    prepare(params.data)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 from pathlib import Path
 
+import pytest
 import yaml
 
 from dfnet.params import Params, load_params
@@ -17,3 +20,170 @@ def test_dataclass_defaults_are_the_values_of_params_yaml():
     on_disk = yaml.safe_load((REPO / "params.yaml").read_text())
     assert Params().to_dict() == on_disk
     assert load_params(REPO / "params.yaml") == Params()
+
+
+# --- dvc.yaml declares what each stage reads ------------------------------------------------
+# Code: the repository's Python files a stage imports (walked from `pipelines.<stage>`, lazy
+# imports inside functions included). Parameters: the params.yaml sections and keys the code
+# reachable from the stage's `main` reads off a `params` object (`params.data.out_dir`, an alias
+# `ev = params.evaluate` then `ev.sizes`, or a whole section handed on: `prepare(params.data)`).
+# Data files (the photos, the shipped model) are declared by hand and not checked here.
+
+#: {section: its keys}, from the dataclasses.
+SECTIONS = {name: {f.name for f in dataclasses.fields(section)} for name, section in vars(Params()).items()}
+
+
+def _module_file(module: str) -> Path | None:
+    """The repository file of a dotted module name, or None when it is not one of ours."""
+    base = REPO.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file() and ".venv" not in candidate.parts:
+            return candidate
+    return None
+
+
+def _imported_modules(tree: ast.AST, module: str, is_package: bool) -> set[str]:
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            package = module if is_package else module.rpartition(".")[0]
+            for _ in range(node.level - 1):
+                package = package.rpartition(".")[0]
+            base = ".".join(p for p in (package if node.level else "", node.module or "") if p)
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)  # submodules imported by name
+    # Importing a.b.c runs a/__init__.py and a/b/__init__.py first.
+    return {".".join(name.split(".")[: i + 1]) for name in found for i in range(name.count(".") + 1)}
+
+
+def import_closure(module: str) -> dict[str, Path]:
+    """{module: file} of every repository module that importing `module` loads."""
+    seen: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = _module_file(name)
+        if name in seen or path is None:
+            continue
+        seen[name] = path
+        tree = ast.parse(path.read_text())
+        todo.extend(_imported_modules(tree, name, path.name == "__init__.py"))
+    return seen
+
+
+def _section_reads(function: ast.AST) -> tuple[set[str], list[ast.Name]]:
+    """Parameters read in `function` ("section" or "section.key"), and the names it references."""
+    aliases: dict[str, str] = {}
+    aliased: set[ast.AST] = set()  # the `params.evaluate` of an alias: read through the alias
+    for node in ast.walk(function):  # `ev = params.evaluate`, `t, ev = params.train, params.evaluate`
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            targets, values = node.targets[0], node.value
+            both_tuples = isinstance(targets, ast.Tuple) and isinstance(values, ast.Tuple)
+            for target, value in zip(targets.elts, values.elts) if both_tuples else [(targets, values)]:
+                if isinstance(target, ast.Name) and (section := _section_of(value)):
+                    aliases[target.id] = section
+                    aliased.add(value)
+    reads: set[str] = set()
+    parents = {child: node for node in ast.walk(function) for child in ast.iter_child_nodes(node)}
+    for node in ast.walk(function):
+        section = _section_of(node) or (aliases.get(node.id) if isinstance(node, ast.Name) else None)
+        if not section or node in aliased or isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            continue
+        parent = parents.get(node)
+        if isinstance(parent, ast.Attribute) and parent.attr in SECTIONS[section]:
+            reads.add(f"{section}.{parent.attr}")
+        else:  # the section handed on whole, or a method of it called (`params.model.build()`)
+            reads.add(section)
+    names = [n for n in ast.walk(function) if isinstance(n, ast.Name | ast.Attribute)]
+    return reads, names  # type: ignore[return-value]
+
+
+def _section_of(node: ast.AST) -> str | None:
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "params":
+        return node.attr if node.attr in SECTIONS else None
+    return None
+
+
+def params_read(module: str) -> set[str]:
+    """The parameters read by the code reachable from `module.main`, following references to
+    functions and classes of repository modules (through `from x import f` and `x.f`)."""
+    modules = import_closure(module)
+    trees = {name: ast.parse(path.read_text()) for name, path in modules.items()}
+    definitions = {
+        (name, node.name): node
+        for name, tree in trees.items()
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef | ast.ClassDef)
+    }
+    imported: dict[str, dict[str, tuple[str, str | None]]] = {}  # module -> local name -> (module, name)
+    for name, tree in trees.items():
+        table = imported.setdefault(name, {})
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                for alias in node.names:
+                    table[alias.asname or alias.name] = (node.module, alias.name)
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    table[alias.asname or alias.name] = (alias.name, None)
+    reads: set[str] = set()
+    todo, done = [(module, "main")], set()
+    while todo:
+        key = todo.pop()
+        if key in done or key not in definitions:
+            continue
+        done.add(key)
+        found, names = _section_reads(definitions[key])
+        reads |= found
+        owner = key[0]
+        for node in names:
+            if isinstance(node, ast.Name):
+                target = imported[owner].get(node.id, (owner, node.id))
+                if target[1] is None:
+                    continue
+                todo.append((target[0], target[1]))
+                if target[0] in trees and f"{target[0]}.{target[1]}" in trees:
+                    todo.append((f"{target[0]}.{target[1]}", "main"))
+            elif isinstance(node.value, ast.Name) and imported[owner].get(node.value.id, ("", ""))[1] is None:
+                todo.append((imported[owner][node.value.id][0], node.attr))  # `registry.register_model`
+            elif isinstance(node.value, ast.Name) and node.value.id in imported[owner]:
+                source = imported[owner][node.value.id]  # `from tracking import registry`
+                todo.append((f"{source[0]}.{source[1]}", node.attr))
+    return reads
+
+
+def _declared(stage: dict) -> tuple[list[str], set[str]]:
+    params: set[str] = set()
+    for entry in stage.get("params", []):
+        params.update([entry] if isinstance(entry, str) else entry)
+    return [str(d) for d in stage.get("deps", [])], params
+
+
+def _stages() -> dict[str, dict]:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+@pytest.mark.parametrize("stage", list(_stages()))
+def test_dvc_stage_declares_the_code_it_imports(stage: str):
+    spec = _stages()[stage]
+    module = spec["cmd"].split("-m ", 1)[1].split()[0]
+    files = {path.relative_to(REPO).as_posix() for path in import_closure(module).values()}
+    deps, _ = _declared(spec)
+    missing = sorted(f for f in files if not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps))
+    assert not missing, f"stage {stage} imports {missing} but dvc.yaml does not declare them"
+    code = [d for d in deps if d.endswith(".py") or (REPO / d / "__init__.py").is_file()]
+    stale = sorted(d for d in code if not any(f == d or f.startswith(d + "/") for f in files))
+    assert not stale, f"stage {stage} declares {stale} but does not import them"
+
+
+@pytest.mark.parametrize("stage", list(_stages()))
+def test_dvc_stage_declares_the_params_it_reads(stage: str):
+    spec = _stages()[stage]
+    module = spec["cmd"].split("-m ", 1)[1].split()[0]
+    reads = params_read(module)
+    _, declared = _declared(spec)
+    missing = sorted(r for r in reads if r not in declared and r.split(".")[0] not in declared)
+    assert not missing, f"stage {stage} reads {missing} but dvc.yaml does not declare them"
+    stale = sorted(d for d in declared if not any(r in (d, d.split(".")[0]) or r.startswith(d + ".") for r in reads))
+    assert not stale, f"stage {stage} declares {stale} but does not read them"
