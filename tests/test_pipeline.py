@@ -1,6 +1,6 @@
 """The DVC pipeline end to end: `dvc repro` in a throw-away copy of the repository, tiny params.
 
-The copy holds what `dvc.yaml` needs (dvc.yaml, params.yaml, pipelines/, dfnet/) in a fresh git
+The copy holds what `dvc.yaml` needs (dvc.yaml, params.yaml, pipelines/, dfnet/, tracking/) in a fresh git
 + DVC repository; every stage runs as DVC runs it, a `python -m pipelines.<stage>` subprocess
 with the virtualenv first on PATH. One full repro (Ray starts in the prepare and train stages)
 takes one to three minutes on 2 cores, so the file is marked slow. The tests run in file order:
@@ -92,7 +92,7 @@ class Repo:
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
     root = tmp_path_factory.mktemp("dvc-repo")
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    for package in ("pipelines", "dfnet"):
+    for package in ("pipelines", "dfnet", "tracking"):
         shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     scratch = Repo(root, f"sqlite:///{root / 'mlflow.db'}")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
