@@ -1,4 +1,4 @@
-"""Training data: sample photos, decoding, training crops, deterministic splits, Parquet shards, masks.
+"""Training data: sample photos, stored photos, training crops, deterministic splits, Parquet shards, masks.
 
 Everything here is plain numpy/Pillow/pyarrow so it can be used (and tested) without Ray;
 ``pipelines/prepare.py`` runs these functions inside Ray Data tasks.
