@@ -211,6 +211,8 @@ def train(
         scheduler.load_state_dict(resume["scheduler"])
         state.update(step=int(resume["step"]), epoch=int(resume["epoch"]), history=list(resume["history"]))
         state["extra"] = dict(resume.get("extra", {}))
+        # Provenance of a run that survived failures: the step of every checkpoint it went on from.
+        state["extra"]["resumed_at_steps"] = [*state["extra"].get("resumed_at_steps", []), state["step"]]
         log.info("[rank %d] resumed at epoch %d, step %d", rank, state["epoch"], state["step"])
     state["extra"]["vgg_provenance"] = loss_fn.provenance  # which texture loss really ran
     bare = model

@@ -129,6 +129,9 @@ def build_trainer(params: Params, extra_config: dict[str, Any] | None = None) ->
             use_gpu=t.use_gpu,
             # CPU workers never reserve every CPU, so a Tune driver or another task still fits.
             resources_per_worker=None if t.use_gpu else {"CPU": min(1.0, max(cpus - 1, 1) / t.num_workers)},
+            # One worker per node while there are nodes enough; after a node dies, the restarted
+            # group fits on the nodes left (tests/test_multinode.py).
+            placement_strategy="SPREAD",
         ),
         run_config=RunConfig(
             name=config["name"],

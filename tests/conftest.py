@@ -55,14 +55,74 @@ def ray_local(moto_endpoint: str) -> Iterator[Any]:
     """
     import ray
 
+    _start_local_ray(moto_endpoint)
+    yield ray
+    ray.shutdown()
+
+
+def _start_local_ray(moto_endpoint: str) -> None:
+    import ray
+
     ray.init(
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
         runtime_env={"env_vars": _s3_env(moto_endpoint) | {"RAY_USAGE_STATS_ENABLED": "0"}},
     )
-    yield ray
-    ray.shutdown()
+
+
+@dataclass
+class TwoNodeCluster:
+    """A Ray cluster of two nodes on this machine, the driver connected to it."""
+
+    cluster: Any  # ray.cluster_utils.Cluster
+    head: Any  # the head node (driver, Train controller, one training worker)
+    worker: Any  # the second node (the other training worker)
+
+
+@pytest.fixture
+def ray_two_nodes(moto_endpoint: str) -> Iterator[TwoNodeCluster]:
+    """Two Ray nodes (one CPU each, ports chosen by the OS) with the driver connected to them.
+
+    Ray allows one connection per process, so the session's local Ray (`ray_local`), if some
+    test started it, is shut down first and started again afterwards. The cluster's address
+    file goes to a private RAY_TMPDIR, so no other process's bare `ray.init()` finds this
+    cluster, and its workers get the S3 test endpoint like `ray_local`'s.
+    """
+    import shutil
+    import tempfile
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    had_local_ray = ray.is_initialized()
+    if had_local_ray:
+        ray.shutdown()
+    temp_dir = tempfile.mkdtemp(prefix="ray2n-")  # short: Unix socket paths live under it
+    saved_tmpdir = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = temp_dir
+    node_args = {"num_cpus": 1, "include_dashboard": False}
+    cluster = Cluster()
+    try:
+        cluster.add_node(**node_args)  # the head
+        worker = cluster.add_node(**node_args)
+        cluster.wait_for_nodes()
+        ray.init(
+            address=cluster.address,
+            log_to_driver=False,
+            runtime_env={"env_vars": _s3_env(moto_endpoint) | {"RAY_USAGE_STATS_ENABLED": "0"}},
+        )
+        yield TwoNodeCluster(cluster=cluster, head=cluster.head_node, worker=worker)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if saved_tmpdir is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = saved_tmpdir
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        if had_local_ray:
+            _start_local_ray(moto_endpoint)
 
 
 @dataclass
@@ -103,22 +163,28 @@ def s3_server(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> S3Server:
 
 
 def write_prepared_split(root: Any, split: str, photos: list[Any]) -> None:
-    """A prepared split as the prepare stage writes it: one Parquet row per (HxWx3 uint8) photo."""
-    from pathlib import Path
+    """A prepared split as the prepare stage writes it: one Parquet row per (HxWx3 uint8) photo.
 
+    `root` is a local folder or a URI such as ``s3://bucket/prepared``.
+    """
     import pyarrow as pa
+    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
-    from dfnet.data import PARQUET_SCHEMA, encode_png
+    from dfnet.data import PARQUET_SCHEMA, filesystem_for
+    from dfnet.images import encode_png
 
-    directory = Path(root) / split
-    directory.mkdir(parents=True, exist_ok=True)
+    fs, base = filesystem_for(str(root))
+    directory = f"{base}/{split}"
+    if isinstance(fs, pafs.LocalFileSystem):  # object stores have no folders
+        fs.create_dir(directory, recursive=True)
     rows = [
         {"key": f"{split}/{i:04d}.png", "source": f"{split}/{i:04d}.png", "split": split,
          "image": encode_png(photo), "height": photo.shape[0], "width": photo.shape[1]}
         for i, photo in enumerate(photos)
     ]  # fmt: skip
-    pq.write_table(pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA), directory / "part-00000.parquet")
+    table = pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA)
+    pq.write_table(table, f"{directory}/part-00000.parquet", filesystem=fs)
 
 
 @pytest.fixture
