@@ -113,8 +113,8 @@ def images_per_pass(inpainter: Inpainter, shape: tuple[int, ...], strategy: str,
 api = FastAPI(
     title="DFNet inpainting",
     version="0.2.0",
-    description='Fill the hole of a photo with DFNet. Every error is JSON `{"detail": "message"}`: '
-    "413 for a body or image over the limits, 422 for anything else the server cannot use.",
+    description='Fill the hole of a photo with DFNet. Every error is JSON `{"detail": "message"}`: 400 for '
+    "a body that does not parse, 413 for a body or image over the limits, 422 for anything else unusable.",
 )
 api.add_middleware(BodySizeLimit)
 
