@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -157,7 +158,7 @@ def test_tagged_run_resumes_and_running_children_are_closed(tmp_path: Path, monk
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def project(tmp_path_factory: pytest.TempPathFactory, ray_local: Any) -> Path:
     """A copy of the project as a user has it after `make setup` and `dvc repro` (tiny): the
     working tree's files, its own virtualenv with the project installed editable from the copy,
     and small prepared data and masks at params.yaml's relative paths."""
@@ -278,7 +279,7 @@ def test_the_mission_command_registers_the_champion_in_the_projects_mlflow(
     champion = client.get_model_version_by_alias("dfnet", "champion")
     assert champion.run_id in {c.info.run_id for c in children}
     assert champion.tags["tune_search"] == "dfnet-search-smoke" and float(champion.tags["metric.bpe"]) > 0
-    assert parent.data.tags[search.REGISTERED_TAG] == champion.version
+    assert parent.data.tags[search.REGISTERED_TAG] == str(champion.version)
     experiment_dir = project / "runs" / "dfnet-search-smoke"
     assert len(list(experiment_dir.glob("trial-*/checkpoint_*"))) >= 2  # the trials' Train runs
 

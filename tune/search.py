@@ -224,10 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         if not parent.data.params:
             mlflow.log_params({"metric": f"{metric} ({mode})", "dropped": ",".join(drop) or "-", **search, **asha})
         extra = {"parent_run_id": parent.info.run_id, "threads_per_worker": max(1, threads)}
-        # The trial only waits on its Train run: it reserves no CPU, its workers do.
+        # The trial only waits on its Train run: it reserves no CPU (its workers do), only memory.
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=base, extra_config=extra, metric=metric, mode=mode),
-            {"cpu": 0},
+            {"cpu": 0, "memory": 256 * 1024**2},
         )
         if tune.Tuner.can_restore(f"{storage}/{name}", storage_filesystem=fs):
             log.info("restoring %s/%s: finished trials are kept, unfinished ones continue", storage, name)
