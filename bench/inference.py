@@ -1,259 +1,324 @@
-"""Inference speed of the `official` DFNet along each path of `dfnet.accelerate`.
+"""Inference speed and fidelity of DFNet along each path of `dfnet.accelerate`, on this machine.
 
-    python bench/inference.py [--sizes 256 512] [--batches 1 8] [--repeats N] [--device cpu|cuda]
-                              [--paths fp32 channels_last ...] [--json out.json]
+    python bench/inference.py [--models official shipped] [--sizes 512] [--batches 1]
+                              [--paths padded fp32 eager compile compile-bf16 int8]
+                              [--photos 8] [--device cpu|cuda] [--doc docs/performance.md]
 
-For every (size, batch) it times fp32 eager first (the baseline), then each path, and prints
-ms/image (median over the timed repeats, after warm-up), the speed-up over the baseline measured
-in the same run, and the largest |difference| of the completed image from the baseline in units
-of 1/255. The first call of each path is reported apart (it includes compilation). No
-assertions: this is a measurement, and on a shared machine it is a noisy one.
+For each model and (size, batch), every path is built and warmed up (compiled paths compile
+here; their first call is reported apart), then all are timed round-robin, the order rotating
+every round, so load from other processes falls on all of them alike. It prints ms/image
+(median), the ratio to `fp32` (today's eager model, `DFNet.complete`) measured in the same run,
+and, at batch 1, the *validated* quality: every path completes `--photos` held-out test photos
+(centre crops of the size, one evaluation mask of each bin from 20 % up) and is scored against
+the ground truth like `fp32` is: hole ℓ1 and BPE (in % of 8-bit, on uint8 outputs), their
+relative difference to fp32's, and the largest pixel difference from fp32's output.
 
-Weights are random, but BatchNorm statistics are calibrated on random images and the BN affine
-parameters perturbed, so the outputs are not trivial and BN folding changes real numbers.
+Paths: `padded` is the eager model with the padding it had before (an explicit `F.pad` before
+every conv, the ratio the padding change is judged by); `fp32` the eager model as it is;
+`eager` adds BatchNorm folding and channels_last; `compile`, `compile-bf16` and `int8` are
+dfnet.accelerate's paths (int8 calibrated on training photos, never test ones). The path that
+`optimize_for_inference(model)` picks here is marked "auto".
+
+Models: `official` is the paper's architecture with random weights whose BatchNorm statistics
+come from real photos (the layout of the authors' checkpoints: speed and numerical fidelity are
+what it measures; its ℓ1 against the truth means nothing); `shipped` is the pretrained model
+(small preset + Navier–Stokes pre-fill). Photos come from the DVC `prepare` stage (data/).
+
+`--doc` writes the machine's table into docs/performance.md (one section per CPU and device).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
-import json
-import os
-import platform
+import re
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from quality import cpu_name  # a sibling script in bench/
 
-from dfnet.accelerate import InferenceRunner, optimize_for_inference
-from dfnet.model import DFNet, build_model
+from dfnet.accelerate import INFERENCE_PATHS, InferencePath, InferenceRunner, choose_path, optimize_for_inference
+from dfnet.data import load_photos
+from dfnet.masks import HOLE_BINS, evaluation_masks
+from dfnet.metrics import band_width_for, bpe
+from dfnet.model import Conv2dSame, DFNet, build_model
+from dfnet.params import load_params
 
-# name → (description for the table, optimize_for_inference keyword arguments)
-PATHS: dict[str, tuple[str, dict[str, Any]]] = {
-    "fp32": ("fp32 eager (baseline)", {"channels_last": False, "fold_bn": False}),
-    "channels_last": ("channels_last", {"channels_last": True, "fold_bn": False}),
-    "fold_cl": ("bn-fold + channels_last", {"channels_last": True, "fold_bn": True}),
-    "bf16": ("bf16 autocast + bn-fold + cl", {"dtype": torch.bfloat16}),
-    "fp16": ("fp16 autocast + bn-fold + cl", {"dtype": torch.float16}),
-    "compile": ("compile (freezing) + cl", {"compile": True}),
-    "compile_bf16": ("compile + bf16", {"compile": True, "dtype": torch.bfloat16}),
-    "compile_fp16": ("compile + fp16", {"compile": True, "dtype": torch.float16}),
+PLAIN = dict(channels_last=False, fold_bn=False)
+BENCH_PATHS: dict[str, InferencePath] = {
+    "padded": InferencePath("padded", **PLAIN),
+    "fp32": InferencePath("fp32", **PLAIN),
+    **INFERENCE_PATHS,
 }
-DEFAULT_PATHS = {
-    "cpu": ["fp32", "channels_last", "fold_cl", "bf16", "compile", "compile_bf16"],
-    "cuda": list(PATHS),
-}
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+FIRST_BIN = 2  # validate on holes of 20 % and more, where methods differ
+
+
+def explicit_padding(model: DFNet) -> DFNet:
+    """A copy of `model` that pads like the model did before: `F.pad` before every conv, even
+    where nn.Conv2d's own symmetric padding gives the same numbers without copying the input."""
+    padded = copy.deepcopy(model)
+    for module in padded.modules():
+        if isinstance(module, Conv2dSame) and module.same_pad is None:
+            pad = module.padding[0]
+            module.padding = (0, 0)
+            module.same_pad = (pad, pad, pad, pad)
+    return padded
+
+
+def progress(message: str) -> None:
+    print(message, flush=True)
+
+
+# --------------------------------------------------------------------------- inputs
+def crops(photos: list[np.ndarray], size: int) -> list[np.ndarray]:
+    """Centre size×size crops (the photos are scaled to a short side of `size` already)."""
+    out = []
+    for photo in photos:
+        top, left = (photo.shape[0] - size) // 2, (photo.shape[1] - size) // 2
+        out.append(np.ascontiguousarray(photo[top : top + size, left : left + size]))
+    return out
+
+
+def as_tensors(photos: list[np.ndarray], masks: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    image = torch.from_numpy(np.stack(photos)).permute(0, 3, 1, 2).float().div(255)
+    known = torch.from_numpy(np.stack(masks)).float()[:, None]
+    return image, known
+
+
+def validation_pairs(photos: list[np.ndarray], size: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One (image, mask) per photo, batch 1, cycling through the bins from 20 % up."""
+    bins = evaluation_masks(1, size, size, seed)
+    masks = [bins[FIRST_BIN + i % (len(HOLE_BINS) - FIRST_BIN)][0] for i in range(len(photos))]
+    return [as_tensors([p], [m]) for p, m in zip(photos, masks)]
+
+
+@torch.no_grad()
+def calibrated_official(photos: list[np.ndarray], seed: int) -> DFNet:
+    """The official architecture, random weights, BatchNorm statistics from photos with holes."""
+    torch.manual_seed(seed)
+    model = build_model("official")
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # a cumulative average over the passes
+    model.train()
+    for image, mask in validation_pairs(crops(photos, 256), 256, seed):
+        model(image, mask)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- timing and scoring
+def timed(runner: InferenceRunner, image: torch.Tensor, mask: torch.Tensor) -> float:
+    start = time.perf_counter()
+    runner(image, mask)
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)
+    return time.perf_counter() - start
+
+
+def quality(
+    runner: InferenceRunner, pairs: list[tuple[torch.Tensor, torch.Tensor]], band_at_256: int
+) -> dict[str, Any]:
+    """Hole ℓ1 and BPE (% of 8-bit, uint8 outputs, the evaluate stage's band) over the pairs,
+    and the outputs."""
+    l1s, bpes, outputs = [], [], []
+    for image, mask in pairs:
+        out = runner(image, mask).cpu().clamp(0, 1).mul(255).round().div(255)
+        hole = (1 - mask).expand_as(image)
+        l1s.append(((out - image).abs() * hole).sum().item() / hole.sum().item() * 100)
+        bpes.append(bpe(out, image, mask, band_width_for(*image.shape[-2:], width_at_256=band_at_256)).item())
+        outputs.append(out)
+    return {"l1": float(np.mean(l1s)), "bpe": float(np.mean(bpes)), "outputs": outputs}
+
+
+def bench_model(
+    name: str, model: DFNet, paths: list[str], args: argparse.Namespace, photos: dict[str, list[np.ndarray]]
+) -> list[dict[str, Any]]:
+    device = torch.device(args.device)
+    auto = choose_path(device)[0].name
+    records = []
+    for size in args.sizes:
+        test = crops(photos[f"test{size}"], size)
+        pairs = [(i.to(device), m.to(device)) for i, m in validation_pairs(test, size, args.seed)]
+        calibration = validation_pairs(crops(photos[f"train{size}"], size), size, args.seed + 1)
+        for batch in args.batches:
+            torch._dynamo.reset()  # each shape starts with an empty dynamo cache (its recompile limit)
+            image = torch.cat([pairs[i % len(pairs)][0] for i in range(batch)])
+            mask = torch.cat([pairs[i % len(pairs)][1] for i in range(batch)])
+            runners: dict[str, InferenceRunner] = {}
+            first: dict[str, float] = {}
+            for path in paths:
+                progress(f"[{name} {size}² batch {batch}] building {path} ...")
+                source = explicit_padding(model) if path == "padded" else model
+                start = time.perf_counter()
+                runners[path] = optimize_for_inference(
+                    source, device=device, path=BENCH_PATHS[path], calibration=calibration
+                )
+                timed(runners[path], image, mask)
+                first[path] = time.perf_counter() - start  # build + quantise + compile + first call
+            times: dict[str, list[float]] = {p: [] for p in paths}
+            for round_index in range(args.repeats):
+                shift = round_index % len(paths)
+                for path in paths[shift:] + paths[:shift]:
+                    times[path].append(timed(runners[path], image, mask))
+            scores = {p: quality(runners[p], pairs, args.band_width) for p in paths} if batch == 1 else {}
+            base_ms = statistics.median(times["fp32"]) * 1000 / batch
+            for path in paths:
+                ms = statistics.median(times[path]) * 1000 / batch
+                record = {
+                    "model": name, "size": size, "batch": batch, "path": path, "auto": path == auto,
+                    "ms": ms, "ratio": base_ms / ms, "first_s": first[path],
+                    "compiled": runners[path].compiled, "repeats": args.repeats,
+                }  # fmt: skip
+                if scores:
+                    ref, own = scores["fp32"], scores[path]
+                    record.update(
+                        l1=own["l1"], bpe=own["bpe"],
+                        l1_rel=own["l1"] / ref["l1"] - 1, bpe_rel=own["bpe"] / ref["bpe"] - 1,
+                        max_diff=max((a - b).abs().max().item() for a, b in zip(own["outputs"], ref["outputs"])) * 255,
+                    )  # fmt: skip
+                records.append(record)
+                progress("    " + row(record))
+            del runners
+            gc.collect()
+    return records
+
+
+# --------------------------------------------------------------------------- reporting
+def machine(device: torch.device) -> dict[str, str]:
+    info = Path("/proc/cpuinfo")
+    flags = set(re.findall(r"\w+", info.read_text())) if info.is_file() else set()
+    return {
+        "cpu": cpu_name(),
+        "flags": " ".join(f for f in CPU_FLAGS if f in flags) or "none of " + ", ".join(CPU_FLAGS),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "threads": str(torch.get_num_threads()),
+    }
+
+
+HEADER = (
+    "| model | size | batch | path | ms/image | × fp32 | first call s | hole ℓ1 | Δℓ1 | BPE | ΔBPE | max diff /255 |\n"
+    "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def row(r: dict[str, Any]) -> str:
+    label = r["path"] + (" (auto)" if r["auto"] else "")
+    if BENCH_PATHS[r["path"]].compile and not r["compiled"]:
+        label += " (compile failed: eager)"
+    cells = [r["model"], f"{r['size']}²", str(r["batch"]), label]
+    cells += [f"{r['ms']:.1f}", f"{r['ratio']:.2f}×", f"{r['first_s']:.1f}"]
+    if "l1" in r:
+        cells += [f"{r['l1']:.3f}", f"{r['l1_rel']:+.2%}", f"{r['bpe']:.3f}", f"{r['bpe_rel']:+.2%}"]
+        cells.append(f"{r['max_diff']:.2f}")
+    else:
+        cells += [""] * 5
+    return "| " + " | ".join(cells) + " |"
+
+
+def goal_lines(records: list[dict[str, Any]]) -> list[str]:
+    """The issue's goals, checked on this run's figures (512² batch 1)."""
+    lines = []
+    for r in records:
+        if r["size"] != 512 or r["batch"] != 1:
+            continue
+        if r["path"] == "padded":
+            lines.append(f"- {r['model']}: eager fp32 vs the old padding: {1 / r['ratio']:.2f}× (goal ≥ 1.25×)")
+        if r["auto"]:
+            goal = 3.0 if r["path"] == "compile-bf16" else 2.0
+            quality_ok = abs(r.get("l1_rel", 0)) <= 0.01 and abs(r.get("bpe_rel", 0)) <= 0.01
+            lines.append(
+                f"- {r['model']}: auto path `{r['path']}` {r['ratio']:.2f}× eager fp32 (goal ≥ {goal:.0f}×), "
+                f"held-out ℓ1 {r.get('l1_rel', float('nan')):+.2%}, BPE {r.get('bpe_rel', float('nan')):+.2%} "
+                "(goal within 1 %): "
+                + ("met" if r["ratio"] >= goal and quality_ok else "NOT met")
+            )
+        if r["path"] == "int8":
+            lines.append(
+                f"- {r['model']}: int8 {r['ratio']:.2f}× eager fp32 (goal ≥ 5×), "
+                f"hole ℓ1 {r.get('l1_rel', float('nan')):+.2%} (goal within 3 %)"
+            )
+    return lines
+
+
+def section(env: dict[str, str], records: list[dict[str, Any]], command: str, photos: int) -> str:
+    return "\n".join(
+        [
+            f"### {env['cpu']} · {env['device']}",
+            "",
+            f"torch {env['torch']}, {env['threads']} threads, CPU flags: {env['flags']}. "
+            f"`{command}`; quality on {photos} held-out photos per size (batch 1).",
+            "",
+            HEADER,
+            *(row(r) for r in records),
+            "",
+            *goal_lines(records),
+        ]
+    )
+
+
+def write_doc(doc: Path, key: str, text: str) -> None:
+    """Replace (or append) this machine's section of `doc`, between its own markers."""
+    start, end = f"<!-- inference:{key}:start -->", f"<!-- inference:{key}:end -->"
+    old = doc.read_text() if doc.is_file() else "# Performance\n\nWritten by the benchmarks in bench/.\n"
+    block = f"{start}\n{text}\n{end}"
+    if start in old:
+        new = old[: old.index(start)] + block + old[old.index(end) + len(end) :]
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(new)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--sizes", type=int, nargs="+", default=[256, 512], help="square input sizes"
-    )
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument(
-        "--repeats",
-        type=int,
-        default=None,
-        help="timed calls per path (default: as many as fit in --budget-s, between 3 and 15)",
-    )
-    parser.add_argument(
-        "--budget-s", type=float, default=4.0, help="rough timing budget per path and shape"
-    )
+    parser.add_argument("--models", nargs="+", choices=["official", "shipped"], default=["official", "shipped"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512], help="square input sizes")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1])
+    parser.add_argument("--paths", nargs="+", choices=list(BENCH_PATHS), default=None)
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per shape")
+    parser.add_argument("--photos", type=int, default=8, help="held-out photos validated per size")
+    parser.add_argument("--params", default="params.yaml", help="where the prepared photos are (data.out_dir)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=None)
-    parser.add_argument("--preset", default="official")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--doc", type=Path, default=None, help="write this machine's table here")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-@torch.no_grad()
-def calibrated_model(preset: str, seed: int) -> DFNet:
-    """A randomly initialised model whose BatchNorms carry realistic, non-trivial statistics.
-
-    Running statistics come from training-mode passes over random images (so activations stay in
-    a sensible range through all levels, unlike statistics drawn at random), and γ/β are moved
-    off their 1/0 initialisation so folding has an affine part to fold.
-    """
-    torch.manual_seed(seed)
-    model = build_model(preset)
-    size = model.config.size_multiple
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # cumulative average over the calibration passes
-    model.train()
-    for _ in range(3):
-        image = torch.rand(2, 3, size, size)
-        mask = (torch.rand(2, 1, size, size) > 0.25).float()
-        model(image, mask)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.weight.uniform_(0.7, 1.3)
-            module.bias.normal_(0.0, 0.1)
-    return model.eval()
-
-
-def make_inputs(batch: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random image and one rectangular hole per item (about a quarter of the pixels)."""
-    generator = torch.Generator().manual_seed(seed)
-    image = torch.rand(batch, 3, size, size, generator=generator)
-    mask = torch.ones(batch, 1, size, size)
-    for i in range(batch):
-        top, left = torch.randint(0, size // 2, (2,), generator=generator).tolist()
-        mask[i, :, top : top + size // 2, left : left + size // 2] = 0.0
-    return image, mask
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed_call(runner: InferenceRunner, image: torch.Tensor, mask: torch.Tensor) -> float:
-    start = time.perf_counter()
-    runner(image, mask)
-    synchronize(runner.device)
-    return time.perf_counter() - start
-
-
-def bench_shape(
-    model: DFNet, paths: list[str], size: int, batch: int, args: argparse.Namespace
-) -> list[dict[str, Any]]:
-    """Time every path at one (size, batch).
-
-    All runners are built and warmed up first, then timed round-robin (the order rotating every
-    round), so that load from other processes on a shared machine falls on all paths alike
-    instead of on whichever happened to run during a busy spell.
-    """
-    device = torch.device(args.device)
-    image, mask = make_inputs(batch, size, args.seed + 1)
-    image, mask = image.to(device), mask.to(device)  # host→device copies stay out of the timing
-    # Compiled runners share one traced function and so one dynamo cache, whose recompile limit
-    # (8 entries) would be reached over many shapes × paths: start each shape with it empty.
-    torch._dynamo.reset()
-    runners: dict[str, InferenceRunner] = {}
-    first_s: dict[str, float] = {}
-    outputs: dict[str, torch.Tensor] = {}
-    warm_s = 0.0
-    for name in paths:
-        label, options = PATHS[name]
-        progress(f"[{size}² batch {batch}] preparing {label} ...")
-        runner = optimize_for_inference(model, device=device, **options)
-        start = time.perf_counter()
-        outputs[name] = runner(image, mask).float().cpu()
-        first_s[name] = time.perf_counter() - start  # includes compilation
-        warm_s += timed_call(runner, image, mask)  # warm-up: allocator, primitive caches
-        runners[name] = runner
-    repeats = args.repeats
-    if repeats is None:
-        repeats = max(3, min(15, int(args.budget_s * len(paths) / max(warm_s, 1e-4))))
-    times: dict[str, list[float]] = {name: [] for name in paths}
-    progress(f"[{size}² batch {batch}] timing {len(paths)} paths × {repeats} rounds ...")
-    for round_index in range(repeats):
-        shift = round_index % len(paths)
-        for name in paths[shift:] + paths[:shift]:
-            times[name].append(timed_call(runners[name], image, mask))
-    baseline_ms = statistics.median(times["fp32"]) * 1000.0 / batch
-    records = []
-    for name in paths:
-        label = PATHS[name][0]
-        ms = statistics.median(times[name]) * 1000.0 / batch
-        diff = (outputs[name] - outputs["fp32"]).abs().max().item() * 255.0
-        record = {
-            "size": size,
-            "batch": batch,
-            "path": name,
-            "label": label,
-            "ms_per_image": ms,
-            "min_ms_per_image": min(times[name]) * 1000.0 / batch,
-            "speedup": baseline_ms / ms,
-            "max_diff_255": diff,
-            "first_call_s": first_s[name],
-            "repeats": repeats,
-            "times_ms": [t * 1000.0 for t in times[name]],
-            "compiled": runners[name].compiled,
-            "folded_batchnorms": runners[name].folded_batchnorms,
-        }
-        records.append(record)
-        progress(
-            f"    {label:30s} {ms:8.1f} ms/image (min {record['min_ms_per_image']:.1f})  "
-            f"×{record['speedup']:.2f}  max diff {diff:.3f}/255  first call {first_s[name]:.1f} s"
-        )
-    del runners, outputs
-    gc.collect()
-    return records
-
-
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
-    paths = args.paths or DEFAULT_PATHS.get(device.type, DEFAULT_PATHS["cpu"])
-    paths = ["fp32"] + [p for p in paths if p != "fp32"]  # the baseline always runs
-    progress(f"calibrating the {args.preset} model's BatchNorm statistics ...")
-    model = calibrated_model(args.preset, args.seed)
-    records: list[dict[str, Any]] = []
-    for size in args.sizes:
-        for batch in args.batches:
-            records += bench_shape(model, paths, size, batch, args)
-    return records
-
-
-def markdown_table(records: list[dict[str, Any]]) -> str:
-    lines = [
-        "| size | batch | path | ms/image (median) | min | speed-up | max diff (/255) "
-        "| first call (s) | repeats |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in records:
-        note = "" if r["compiled"] or "compile" not in r["path"] else " (fell back to eager)"
-        lines.append(
-            f"| {r['size']}² | {r['batch']} | {r['label']}{note} | {r['ms_per_image']:.1f} | "
-            f"{r['min_ms_per_image']:.1f} | {r['speedup']:.2f}× | {r['max_diff_255']:.3f} | "
-            f"{r['first_call_s']:.1f} | {r['repeats']} |"
-        )
-    return "\n".join(lines)
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    env: dict[str, Any] = {
-        "torch": torch.__version__,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-    }
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    return env
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device(args.device)
-    env = environment(device)
-    progress(f"environment: {env}")
-    records = run(args)
-    print(
-        f"\nDFNet `{args.preset}` inference, {env['device']}, torch {env['torch']}, "
-        f"{env['threads']} threads\n"
-    )
-    print(markdown_table(records))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"environment": env, "results": records}, indent=2) + "\n")
-        progress(f"wrote {args.json}")
+    env = machine(device)
+    progress(f"machine: {env}")
+    paths = args.paths or [p for p in BENCH_PATHS if not (BENCH_PATHS[p].int8 and device.type != "cpu")]
+    paths = ["fp32"] + [p for p in paths if p != "fp32"]  # the baseline always runs
+    params = load_params(args.params)
+    data_dir, args.band_width = params.data.out_dir, params.evaluate.band_width
+    photos = {}
+    for size in args.sizes:
+        photos[f"test{size}"] = load_photos(data_dir, "test", size, limit=args.photos)[1]
+        photos[f"train{size}"] = load_photos(data_dir, "train", size, limit=4)[1]
+    models = {
+        "official": lambda: calibrated_official(photos[f"train{args.sizes[0]}"], args.seed),
+        "shipped": lambda: DFNet.from_pretrained("pretrained"),
+    }
+    records = []
+    for name in args.models:
+        records += bench_model(name, models[name](), paths, args, photos)
+    command = " ".join(["python bench/inference.py", *(sys.argv[1:] if argv is None else argv)])
+    text = section(env, records, command, args.photos)
+    print("\n" + text)
+    if args.doc is not None:
+        key = re.sub(r"[^a-z0-9]+", "-", f"{env['cpu']} {env['device']}".lower()).strip("-")
+        write_doc(args.doc, key, text)
+        progress(f"wrote {args.doc}")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,22 @@
-"""Faster DFNet inference on CPU and GPU: BatchNorm folding, channels_last, autocast, torch.compile.
+"""Fast DFNet inference: one call, `optimize_for_inference(model)`, picks the path for the machine.
 
-The one entry point is :func:`optimize_for_inference`. It never touches the caller's model: it
-works on a deep copy, which it puts in eval mode, optionally folds every BatchNorm into the
-convolution before it, moves to the device and memory format, and wraps in an
-:class:`InferenceRunner` whose call returns exactly what ``DFNet.complete`` returns (the finest
-result with the known pixels pasted back, float32).
+A *path* is how the network runs (`INFERENCE_PATHS`): every path folds each BatchNorm into the
+conv before it and uses channels_last; then
 
-What each switch buys is measured by ``bench/inference.py``. On a 2-core x86 CPU (official preset,
-512², batch 1) the design notes report: channels_last ≈ 1.14×, compile (inductor freezing) +
-channels_last ≈ 1.75× and bit-identical, and the same under bf16 autocast ≈ 3.1× within 0.5/255.
+* ``eager``         fp32, no compiler (what runs where nothing else can)
+* ``compile``       torch.compile (inductor, weights frozen as constants), fp32
+* ``compile-bf16``  the same under bf16 autocast: fast only where bf16 is native
+                    (AVX512-BF16 / AMX CPUs, recent GPUs); emulated elsewhere, and slower than fp32
+* ``int8``          post-training static quantisation (PT2E, the x86 inductor quantiser), calibrated
+                    on photos the caller passes; opt-in, never chosen automatically
+
+``path="auto"`` (the default) chooses from what it detects, and logs the choice and why:
+``compile-bf16`` with native bf16, else ``compile``, and ``eager`` when no C++ compiler is
+installed (inductor needs one on the CPU). The classical pre-fill (OpenCV) always runs eagerly
+before the network: only `DFNet.forward_filled` is compiled or quantised.
+
+The caller's model is never touched: the runner works on a deep copy. What each path costs and
+how far it moves the output are measured by ``bench/inference.py`` (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -16,19 +24,54 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from dfnet.model import DecoderBlock, DFNet, EncoderBlock
 
-__all__ = ["InferenceRunner", "fold_batchnorm", "optimize_for_inference"]
+__all__ = [
+    "INFERENCE_PATHS",
+    "InferencePath",
+    "InferenceRunner",
+    "choose_path",
+    "fold_batchnorm",
+    "optimize_for_inference",
+    "persistent_compile_cache",
+]
 
 logger = logging.getLogger(__name__)
 
-_AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+Network = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class InferencePath:
+    """One way to run the network: compiled or not, the autocast dtype, int8, memory layout."""
+
+    name: str
+    compile: bool = False
+    dtype: torch.dtype | None = None  # autocast dtype; None = float32
+    int8: bool = False  # PT2E static quantisation (needs calibration inputs)
+    channels_last: bool = True
+    fold_bn: bool = True
+
+
+INFERENCE_PATHS: dict[str, InferencePath] = {
+    p.name: p
+    for p in (
+        InferencePath("eager"),
+        InferencePath("compile", compile=True),
+        InferencePath("compile-bf16", compile=True, dtype=torch.bfloat16),
+        InferencePath("int8", compile=True, int8=True),
+    )
+}
 
 
 # --------------------------------------------------------------------------- BatchNorm folding
@@ -98,197 +141,212 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded_model
 
 
-# --------------------------------------------------------------------------- the runner
-def _complete(
-    model: DFNet, image: Tensor, mask: Tensor, device_type: str, dtype: torch.dtype | None
-) -> Tensor:
-    """The function that runs (and, with compile=True, is compiled): DFNet.complete in float32.
+# --------------------------------------------------------------------------- choosing a path
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether bf16 kernels run natively here (oneDNN on the CPU: AVX512-BF16 or AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return torch.backends.mkldnn.is_available() and check is not None and bool(check())
 
-    Only the finest result leaves the function, so a compiled graph drops the coarser fusion
-    outputs as dead code.
-    """
-    with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        finest = model(image, mask).results[0]
-    # Paste back in float32: the known pixels must come out exactly as they went in.
-    return image * mask + finest.float() * (1.0 - mask)
+
+def choose_path(device: str | torch.device = "cpu") -> tuple[InferencePath, str]:
+    """The fastest validated path for `device` on this machine, and the reason for it."""
+    device = torch.device(device)
+    if device.type == "cpu" and shutil.which(os.environ.get("CXX", "c++")) is None:
+        return INFERENCE_PATHS["eager"], "no C++ compiler on the PATH for inductor"
+    where = "the GPU" if device.type == "cuda" else f"this CPU ({torch.backends.cpu.get_cpu_capability()})"
+    if native_bfloat16(device):
+        return INFERENCE_PATHS["compile-bf16"], f"{where} has native bf16"
+    return INFERENCE_PATHS["compile"], f"{where} has no native bf16 (emulated bf16 is slower than fp32)"
+
+
+def persistent_compile_cache() -> Path:
+    """Keep inductor's compiled kernels in a folder that survives restarts (unless the user set
+    TORCHINDUCTOR_CACHE_DIR): the next process with the same model and shapes skips most of the
+    compile time. Returns the folder in use."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dfnet" / "inductor"
+    folder = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default)))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+# --------------------------------------------------------------------------- the runner
+class _Finest(nn.Module):
+    """The network proper, returning only the finest result (the coarser ones are then dead code
+    to a compiler), under autocast when the path asks for it."""
+
+    def __init__(self, model: DFNet, dtype: torch.dtype | None):
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+
+    def forward(self, input_image: Tensor, mask: Tensor) -> Tensor:
+        if self.dtype is None:  # no autocast region at all: torch.export would keep it as a wrapper
+            return self.model.forward_filled(input_image, mask).results[0]
+        with torch.autocast(input_image.device.type, dtype=self.dtype):
+            return self.model.forward_filled(input_image, mask).results[0].float()
 
 
 class InferenceRunner:
-    """Callable returned by :func:`optimize_for_inference`: ``runner(image, mask) -> completed``.
+    """Callable returned by :func:`optimize_for_inference`: ``runner(image, mask) -> completed``,
+    what ``DFNet.complete`` returns (float32, the known pixels exactly as they went in).
 
-    Attributes describe what is actually in use: `compiled` becomes False if compilation failed
-    and the runner fell back to eager mode.
+    `path` is the path in use and `reason` why it was chosen; `compiled` becomes False if
+    compilation failed and the runner fell back to eager mode.
     """
 
-    def __init__(
-        self,
-        model: DFNet,
-        *,
-        device: torch.device,
-        channels_last: bool,
-        dtype: torch.dtype | None,
-        compile: bool,
-        folded_batchnorms: int,
-    ) -> None:
+    def __init__(self, model: DFNet, network: Network, *, device: torch.device, path: InferencePath, reason: str):
         self.model = model
         self.device = device
-        self.channels_last = channels_last
-        self.dtype = dtype
-        self.compiled = compile
-        self.folded_batchnorms = folded_batchnorms
-        self._compiled_fn: Callable[[Tensor, Tensor], Tensor] | None = None
-        if compile:
-            try:
-                # dynamic=False: one specialised graph per input shape (a server sees few).
-                self._compiled_fn = torch.compile(self._eager, dynamic=False)
-            except Exception as error:  # e.g. a Python version this torch cannot compile for
-                logger.warning("torch.compile unavailable (%s); running eagerly", error)
-                self.compiled = False
+        self.path = path
+        self.reason = reason
+        self.compiled = path.compile
+        self._eager: Network = _Finest(model, path.dtype)
+        self._network = network
 
     def __repr__(self) -> str:
-        return (
-            f"InferenceRunner(device={self.device}, channels_last={self.channels_last}, "
-            f"dtype={self.dtype}, compiled={self.compiled}, "
-            f"folded_batchnorms={self.folded_batchnorms})"
-        )
-
-    def _eager(self, image: Tensor, mask: Tensor) -> Tensor:
-        return _complete(self.model, image, mask, self.device.type, self.dtype)
-
-    def _prepare(self, x: Tensor) -> Tensor:
-        x = x.to(self.device, torch.float32, non_blocking=True)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return f"InferenceRunner(path={self.path.name!r}, device={self.device}, compiled={self.compiled})"
 
     @torch.no_grad()
     def __call__(self, image: Tensor, mask: Tensor) -> Tensor:
         """image: N3HW in [0, 1]; mask: N1HW, 1 = known. Returns the completed N3HW float32 image
         on the runner's device (standard contiguous layout)."""
-        image, mask = self._prepare(image), self._prepare(mask)
-        if self.compiled and self._compiled_fn is not None:
+        image, mask = _placed(image, self.device, self.path), _placed(mask, self.device, self.path)
+        filled = _placed(self.model.fill_holes(image, mask), self.device, self.path)
+        if self.compiled:
             try:
                 with _freezing():
-                    out = self._compiled_fn(image, mask)
+                    finest = self._network(filled, mask)
             except Exception as error:  # a failing compiler must not take inference down
                 # An eager run tells a bad input (it fails again, and that error propagates)
                 # from a compile problem (eager works: warn once and stay eager from now on).
                 # Every new input shape compiles afresh, so this can happen on any call.
-                out = self._eager(image, mask)
+                finest = self._eager(filled, mask)
                 logger.warning(
                     "torch.compile failed (%s: %s); falling back to eager mode",
                     type(error).__name__,
                     str(error).splitlines()[0] if str(error) else "",
                 )
                 self.compiled = False
-                self._compiled_fn = None
+                self._network = self._eager
         else:
-            out = self._eager(image, mask)
-        return out.contiguous()
+            finest = self._network(filled, mask)
+        return (image * mask + finest * (1.0 - mask)).contiguous()
 
     def warmup(self, shape: Sequence[int], repeats: int = 1) -> float:
         """Run on a synthetic batch so compilation (and oneDNN/cuDNN set-up) happens now.
 
         shape: (height, width), (batch, height, width) or (batch, channels, height, width).
-        Returns the seconds the first call took (the compile time when compile=True).
+        Returns the seconds the first call took (the compile time on a compiled path).
         """
         shape = tuple(int(s) for s in shape)
-        if len(shape) == 2:
-            batch, height, width = 1, *shape
-        elif len(shape) == 3:
-            batch, height, width = shape
-        elif len(shape) == 4:
-            batch, _, height, width = shape
-        else:
+        if len(shape) not in (2, 3, 4):
             raise ValueError(f"warmup shape must have 2, 3 or 4 entries, got {shape}")
+        batch, height, width = (1, *shape) if len(shape) == 2 else (shape[0], shape[-2], shape[-1])
         generator = torch.Generator().manual_seed(0)
         image = torch.rand(batch, 3, height, width, generator=generator)
         mask = torch.ones(batch, 1, height, width)
         mask[..., height // 4 : height // 2, width // 4 : width // 2] = 0.0  # a hole, like real use
         start = time.perf_counter()
-        self(image, mask)
-        self._synchronize()
-        first = time.perf_counter() - start
-        for _ in range(max(repeats - 1, 0)):
+        for index in range(max(repeats, 1)):
             self(image, mask)
-        self._synchronize()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            if index == 0:
+                first = time.perf_counter() - start
         return first
 
-    def _synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+
+def _placed(x: Tensor, device: torch.device, path: InferencePath) -> Tensor:
+    """`x` as float32 on `device`, in the path's memory format."""
+    x = x.to(device, torch.float32, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if path.channels_last else x
 
 
 def _freezing() -> contextlib.AbstractContextManager[object]:
     """Inductor's `freezing` switched on for the duration of a compiled call.
 
-    Freezing lets inductor treat the weights as constants: it folds BN itself, prepacks conv
-    weights for oneDNN and constant-folds whatever depends on weights only. It has to be on in
-    the global config while dynamo *traces* (dynamo reads it to decide whether parameters are
-    graph inputs), so `torch.compile(options={"freezing": True})` alone is not enough; a
-    scoped patch keeps the rest of the process unaffected.
+    Freezing lets inductor treat the weights as constants: it prepacks conv weights for oneDNN
+    and constant-folds whatever depends on weights only. It has to be on in the global config
+    while dynamo *traces* (dynamo reads it to decide whether parameters are graph inputs), so
+    `torch.compile(options={"freezing": True})` alone is not enough; a scoped patch keeps the
+    rest of the process unaffected.
     """
-    try:
-        import torch._inductor.config as inductor_config
-    except Exception:  # an unusual build without inductor: compile as is
-        return contextlib.nullcontext()
-    if not hasattr(inductor_config, "freezing"):
-        return contextlib.nullcontext()
+    import torch._inductor.config as inductor_config
+
     return inductor_config.patch(freezing=True)
 
 
-def _check_dtype(dtype: torch.dtype | None, device: torch.device) -> torch.dtype | None:
-    if dtype is None or dtype == torch.float32:
-        return None
-    if dtype not in _AUTOCAST_DTYPES:
-        raise ValueError(f"dtype must be None, float32, bfloat16 or float16, got {dtype}")
-    if device.type == "cpu":
-        # Without native support the CPU emulates the low-precision kernels: correct, but slow.
-        native = {
-            torch.bfloat16: getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None),
-            torch.float16: getattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", None),
-        }[dtype]
-        supported = torch.backends.mkldnn.is_available() and native is not None and bool(native())
-        if not supported:
-            logger.warning("no native %s support in oneDNN here; autocast may be slower", dtype)
-    return dtype
+def _quantize_int8(network: nn.Module, calibration: Sequence[tuple[Tensor, Tensor]]) -> nn.Module:
+    """PT2E static int8 quantisation of `network` (filled image, mask → finest result) with the x86
+    inductor quantiser: export, insert observers, run the calibration inputs, convert."""
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+            X86InductorQuantizer,
+            get_default_x86_inductor_quantization_config,
+        )
+    except ImportError as error:
+        raise RuntimeError("the int8 path needs torchao: pip install 'dfnet[int8]'") from error
+    if not calibration:
+        raise ValueError("the int8 path needs calibration inputs: a few (filled image, mask) pairs")
+    # Batch, height and width stay free, so one quantised graph serves every input size.
+    free = {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
+    example = tuple(t.expand(2, *t.shape[1:]) for t in calibration[0])  # batch 1 would be fixed at 1
+    exported = torch.export.export(network, example, dynamic_shapes=(free, free)).module()
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    observed = prepare_pt2e(exported, quantizer)
+    for inputs in calibration:
+        observed(*inputs)
+    return convert_pt2e(observed)
 
 
 def optimize_for_inference(
     model: DFNet,
     *,
     device: str | torch.device = "cpu",
-    channels_last: bool = True,
-    fold_bn: bool = True,
-    dtype: torch.dtype | None = None,
-    compile: bool = False,
+    path: str | InferencePath = "auto",
+    calibration: Sequence[tuple[Tensor, Tensor]] = (),
 ) -> InferenceRunner:
-    """Prepare a fast inference callable for `model`, leaving `model` itself untouched.
+    """A fast inference callable for `model` on `device`, leaving `model` itself untouched.
 
-    device: where the copy runs ("cpu", "cuda", "cuda:1", ...); inputs are moved there.
-    channels_last: NHWC memory format for weights and inputs (oneDNN and cuDNN prefer it).
-    fold_bn: fold each eval-mode BatchNorm into the conv before it.
-    dtype: None / torch.float32 = full precision; torch.bfloat16 or torch.float16 = autocast
-        (the output is float32 either way).
-    compile: torch.compile with inductor (weights frozen as constants). Compilation happens
-        on the first call for each input shape (tens of seconds on a CPU; call `warmup`). If it
-        fails, e.g. no C++ compiler, the runner logs a warning and runs eagerly.
+    path: "auto" (chosen by `choose_path` for this machine), a name in `INFERENCE_PATHS`, or an
+        `InferencePath`. Compiled paths compile on the first call for each input shape (tens of
+        seconds on a CPU: call `warmup`); if compiling fails (no C++ compiler, ...), the runner
+        logs a warning and runs eagerly.
+    calibration: (image, mask) pairs like the ones the runner will see, for the int8 path.
     """
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device} requested but CUDA is not available")
-    dtype = _check_dtype(dtype, device)
+    if path == "auto":
+        chosen, reason = choose_path(device)
+    elif isinstance(path, InferencePath):
+        chosen, reason = path, "requested"
+    elif path in INFERENCE_PATHS:
+        chosen, reason = INFERENCE_PATHS[path], "requested"
+    else:
+        raise ValueError(f"unknown inference path {path!r}; choose auto or one of {', '.join(INFERENCE_PATHS)}")
+    if chosen.int8 and device.type != "cpu":
+        raise ValueError("the int8 path runs on the CPU only (x86 inductor quantiser)")
+    if chosen.dtype is not None and not native_bfloat16(device) and chosen.dtype == torch.bfloat16:
+        logger.warning("no native bfloat16 on %s: the %s path will be slow", device, chosen.name)
     prepared = copy.deepcopy(model).eval()  # .to() and folding mutate; the caller keeps theirs
-    folded = _fold_in_place(prepared) if fold_bn else 0
-    prepared.requires_grad_(False)
-    prepared.to(device)
-    if channels_last:
+    if chosen.fold_bn:
+        _fold_in_place(prepared)
+    prepared.requires_grad_(False).to(device)
+    if chosen.channels_last:
         prepared.to(memory_format=torch.channels_last)
-    return InferenceRunner(
-        prepared,
-        device=device,
-        channels_last=channels_last,
-        dtype=dtype,
-        compile=compile,
-        folded_batchnorms=folded,
-    )
+    network: nn.Module = _Finest(prepared, chosen.dtype)
+    if chosen.int8:
+        inputs = []
+        for image, mask in calibration:
+            image, mask = _placed(image, device, chosen), _placed(mask, device, chosen)
+            inputs.append((_placed(prepared.fill_holes(image, mask), device, chosen), mask))
+        network = _quantize_int8(network, inputs)
+    if chosen.compile:
+        persistent_compile_cache()
+        network = torch.compile(network)
+    logger.info("inference path %s on %s: %s", chosen.name, device, reason)
+    return InferenceRunner(prepared, network, device=device, path=chosen, reason=reason)

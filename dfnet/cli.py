@@ -17,6 +17,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from dfnet.accelerate import INFERENCE_PATHS, optimize_for_inference
 from dfnet.inpaint import STRATEGIES, Inpainter
 from dfnet.masks import MASK_CONVENTIONS
 from dfnet.model import CheckpointMismatchError, DFNet, import_official_checkpoint, read_model_config
@@ -45,7 +46,13 @@ def _pairs(image: Path, mask: Path, out: Path) -> list[tuple[Path, Path, Path]]:
 
 
 def cmd_inpaint(args: argparse.Namespace) -> int:
-    inpainter = Inpainter.from_pretrained(args.model, device=args.device)
+    model = DFNet.from_pretrained(args.model, map_location=args.device)
+    # One runner for the whole run: a compiled path compiles on the first image (and once more
+    # for a second size; after that torch.compile's graphs take any size), not per image.
+    runner = None if args.inference == "off" else optimize_for_inference(model, device=args.device, path=args.inference)
+    if runner is not None:
+        print(f"inference path: {runner.path.name} ({runner.reason})", file=sys.stderr)
+    inpainter = Inpainter(model, args.device, runner=runner)
     triples = _pairs(Path(args.image), Path(args.mask), Path(args.out))
     failures = 0
     for image_path, mask_path, out_path in tqdm(triples, desc="inpainting", unit="image", disable=len(triples) == 1):
@@ -101,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--strategy", choices=STRATEGIES, default="auto", help="how images meet the network's size")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--inference",
+        choices=["auto", "off", *(name for name, path in INFERENCE_PATHS.items() if not path.int8)],
+        default="auto",
+        help="how the network runs (dfnet.accelerate): auto = the fastest path for this machine "
+        "(compiled, bf16 where native; the first image pays the compile), off = the plain model",
+    )
     p.set_defaults(func=cmd_inpaint)
 
     p = sub.add_parser("import-official", help="convert the authors' released .pth into a model directory")

@@ -124,17 +124,25 @@ class Conv2dSame(nn.Conv2d):
     """Conv2d with TensorFlow-style "same" zero padding.
 
     Total padding is k − s; when it is odd the extra pixel goes on the right/bottom, which is what
-    the released weights were trained with (a symmetric pad would shift every feature map).
+    the released weights were trained with (a symmetric pad would shift every feature map). Only
+    that asymmetric case (DFNet's stride-2 encoder convs) pads explicitly; an even total (the
+    stride-1 convs) is symmetric, and nn.Conv2d pads it itself without copying the input.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1):
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride)
         total = max(kernel_size - stride, 0)
         before = total // 2
-        self.same_pad = (before, total - before, before, total - before)  # left, right, top, bottom
+        symmetric = total % 2 == 0
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=before if symmetric else 0)
+        # left, right, top, bottom; None when nn.Conv2d's own padding does it
+        self.same_pad: tuple[int, int, int, int] | None = (
+            None if symmetric else (before, total - before, before, total - before)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(F.pad(x, self.same_pad))
+        if self.same_pad is not None:
+            x = F.pad(x, self.same_pad)
+        return super().forward(x)
 
 
 class EncoderBlock(nn.Module):
@@ -267,6 +275,11 @@ class DFNet(nn.Module):
 
     def forward(self, image: Tensor, mask: Tensor) -> DFNetOutput:
         """image: N3HW in [0, 1]; mask: N1HW, 1 = known, 0 = hole."""
+        return self.forward_filled(self.fill_holes(image, mask), mask)
+
+    def fill_holes(self, image: Tensor, mask: Tensor) -> Tensor:
+        """What the network is given: image ⊙ mask, or the classical pre-fill P (OpenCV, on the
+        CPU: kept out of `forward_filled` so that one can be compiled or exported whole)."""
         multiple = self.config.size_multiple
         if image.shape[-1] % multiple or image.shape[-2] % multiple:
             raise ValueError(
@@ -274,9 +287,11 @@ class DFNet(nn.Module):
                 "pad or resize first (dfnet.inpaint.Inpainter does this for you)"
             )
         if self.config.prefill == "none":
-            input_image = image * mask
-        else:
-            input_image = classical_prefill(image, mask, self.config.prefill, self.config.prefill_radius)
+            return image * mask
+        return classical_prefill(image, mask, self.config.prefill, self.config.prefill_radius)
+
+    def forward_filled(self, input_image: Tensor, mask: Tensor) -> DFNetOutput:
+        """The network proper, on the output of `fill_holes`."""
         x = torch.cat([input_image, mask], dim=1)
         skips = [x]
         for block in self.encoder:
