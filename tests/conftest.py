@@ -84,6 +84,9 @@ class TwoNodeCluster:
 def ray_two_nodes(moto_endpoint: str) -> Iterator[TwoNodeCluster]:
     """Two Ray nodes (one CPU each, ports chosen by the OS) with the driver connected to them.
 
+    Both run on this machine and reach each other at its own address (Ray advertises that even
+    for a node told 127.0.0.1), so nothing leaves the machine.
+
     Ray allows one connection per process, so the session's local Ray (`ray_local`), if some
     test started it, is shut down first and started again afterwards. The cluster's address
     file goes to a private RAY_TMPDIR, so no other process's bare `ray.init()` finds this
@@ -101,11 +104,18 @@ def ray_two_nodes(moto_endpoint: str) -> Iterator[TwoNodeCluster]:
     temp_dir = tempfile.mkdtemp(prefix="ray2n-")  # short: Unix socket paths live under it
     saved_tmpdir = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = temp_dir
-    node_args = {"num_cpus": 1, "include_dashboard": False}
+    # Port 0: the OS picks (Ray's default for the head's dashboard agent is the fixed 52365).
+    # No log monitor: nothing is forwarded to the driver (log_to_driver=False).
+    node_args = {
+        "num_cpus": 1,
+        "include_dashboard": False,
+        "include_log_monitor": False,
+        "dashboard_agent_listen_port": 0,
+    }
     cluster = Cluster()
     try:
         cluster.add_node(**node_args)  # the head
-        worker = cluster.add_node(**node_args)
+        worker = cluster.add_node(wait=False, **node_args)
         cluster.wait_for_nodes()
         ray.init(
             address=cluster.address,
