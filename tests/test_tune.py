@@ -99,6 +99,19 @@ def test_with_hyperparameters_sets_weights_and_pq_without_touching_the_base() ->
         search.with_hyperparameters(base, {"loss.typo": 1.0})
 
 
+def test_results_figure_plots_the_metric_against_each_hyperparameter() -> None:
+    import io
+
+    import pandas as pd
+
+    frame = pd.DataFrame({"val_bpe": [6.0, 7.0], "config/loss.l1": [3.0, 9.0], "config/loss.pq": ["4,1", "4,2"]})
+    fig = search.results_figure(frame, "val_bpe", log_keys=["loss.l1"])
+    fig.savefig(io.BytesIO())  # draws the ticks
+    l1, pq = fig.axes
+    assert (l1.get_xlabel(), l1.get_xscale(), pq.get_xscale()) == ("loss.l1", "log", "linear")
+    assert [t.get_text() for t in pq.get_xticklabels()] == ["4,1", "4,2"]
+
+
 # --------------------------------------------------------------------------- project root
 
 

@@ -47,6 +47,7 @@ import pandas as pd
 import ray
 import yaml
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 from ray import tune
 from ray.train import Checkpoint, CheckpointConfig
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -168,8 +169,11 @@ def results_figure(frame: pd.DataFrame, metric: str, log_keys: list[str]) -> Fig
     keys = [c.removeprefix("config/") for c in frame.columns if c.startswith("config/")]
     fig = Figure(figsize=(3.2 * len(keys), 3.2), layout="tight")
     for ax, key in zip(fig.subplots(1, len(keys), squeeze=False, sharey=True)[0], keys):
-        ax.scatter(frame[f"config/{key}"], frame[metric])
-        ax.set(xlabel=key, xscale="log" if key in log_keys else "linear")
+        ax.scatter(frame[f"config/{key}"], frame[metric])  # "p,q" strings: a categorical axis
+        ax.set_xlabel(key)
+        if key in log_keys:
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # crowded on ranges under a decade
     fig.axes[0].set_ylabel(f"best {metric}")
     return fig
 
