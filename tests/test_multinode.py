@@ -11,14 +11,16 @@ group with `placement_strategy="SPREAD"`, so while both nodes are up there is on
 node (asserted below); each worker reserves half a CPU, so one node can also hold both.
 `FailureConfig(max_failures=1)` lets the controller (on the head node, where the driver is)
 restart the worker group once: with the second node gone, the fixed-size group of two is placed
-on the head node and `ray.train.get_checkpoint()` hands it the last registered checkpoint. Train
-V2's elastic `num_workers=(1, 2)` was not used: its resize decisions go through an autoscaling
-coordinator that refreshes its view of the nodes every 20 s, so a restart soon after a node
-death may first ask for two workers on one node's worth of reservations and wait out the
-worker-group start timeout (60 s); and a world of one would change the steps per epoch.
+on the head node and `ray.train.get_checkpoint()` hands it the last registered checkpoint. No
+replacement node is started. Train V2's elastic `num_workers=(1, 2)` was not used: its resize
+decisions go through an autoscaling coordinator that refreshes its view of the nodes every
+20 s, so a restart soon after a node death may still count the dead node, ask for two workers
+and wait out the worker-group start timeout (60 s) first; and a world of one would change the
+steps per epoch.
 
-The node is killed (raylet and all its processes, SIGKILL) once the controller has registered
-the first checkpoint: its `checkpoint_manager_snapshot.json` appears in the bucket. The loop
+The node is killed (its raylet and agents get SIGKILL, its workers exit with them) once the
+controller has registered the first checkpoint: its `checkpoint_manager_snapshot.json` appears
+in the bucket. The loop
 records the step of every checkpoint it resumed from (`extra.resumed_at_steps`), so the test
 knows where the restarted group went on from and asserts that its first step is the next one.
 """
