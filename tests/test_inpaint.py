@@ -125,7 +125,7 @@ def test_cli_single_file(model_dir: Path, tmp_path: Path) -> None:
     Image.fromarray(mask).save(tmp_path / "mask.png")
     code = cli_main(
         ["inpaint", "--model", str(model_dir), "--image", str(tmp_path / "photo.jpg"),
-         "--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "out.png")]
+         "--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "out.png"), "--inference", "off"]
     )  # fmt: skip
     assert code == 0
     out = np.asarray(Image.open(tmp_path / "out.png"))
@@ -144,7 +144,7 @@ def test_cli_folder_counts_failures_and_keeps_going(model_dir: Path, tmp_path: P
     (images / "broken.png").write_bytes(b"not an image")
     Image.fromarray(hole_mask(64, 96, [(1, 1, 5, 5)])).save(masks / "broken.png")
     args = ["inpaint", "--model", str(model_dir), "--image", str(images), "--mask", str(masks), "--out", str(out)]
-    code = cli_main(args)
+    code = cli_main([*args, "--inference", "off"])
     assert code == 1  # one failure reported through the exit code
     assert sorted(p.name for p in out.iterdir()) == ["p0.png", "p1.png", "p2.png"]
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dfnet.accelerate import choose_path
 from dfnet.cli import main as cli_main
 from dfnet.inpaint import Inpainter
 from dfnet.model import DFNet, build_model, classical_prefill
@@ -111,15 +112,21 @@ def test_a_hole_across_a_seam_takes_each_sides_colour(shipped: Inpainter) -> Non
         assert np.abs(side - own).mean() <= 8, np.abs(side - own).mean()
 
 
-def test_cli_inpaints_with_the_shipped_model_when_no_model_is_given(tmp_path: Path) -> None:
+def test_cli_inpaints_with_the_shipped_model_on_the_fast_path_by_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     image = np.empty((96, 128, 3), np.uint8)
     image[:] = (90, 160, 70)
     hole = np.zeros((96, 128), np.uint8)
     hole[30:60, 40:100] = 255
     Image.fromarray(image).save(tmp_path / "photo.png")
     Image.fromarray(hole).save(tmp_path / "mask.png")
-    args = ["inpaint", "--image", str(tmp_path / "photo.png"), "--mask", str(tmp_path / "mask.png"),
-            "--out", str(tmp_path / "out.png")]  # fmt: skip
-    assert cli_main(args) == 0
+    args = ["inpaint", "--image", str(tmp_path / "photo.png"), "--mask", str(tmp_path / "mask.png")]
+    assert cli_main([*args, "--out", str(tmp_path / "out.png")]) == 0
+    path = choose_path("cpu")[0].name
+    assert f"inference path: {path}" in capsys.readouterr().err  # the machine's path, compiled
+    assert cli_main([*args, "--out", str(tmp_path / "plain.png"), "--inference", "off"]) == 0
     out = np.asarray(Image.open(tmp_path / "out.png")).astype(int)
+    plain = np.asarray(Image.open(tmp_path / "plain.png")).astype(int)
     assert np.abs(out[30:60, 40:100] - image[30:60, 40:100]).max() <= 8  # the photo's colour, filled
+    assert np.abs(out - plain).max() <= 3  # the fast path completes like the plain model
