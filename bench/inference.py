@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import os
 import re
 import statistics
 import sys
@@ -56,6 +57,7 @@ BENCH_PATHS: dict[str, InferencePath] = {
     "fp32": InferencePath("fp32", **PLAIN),
     **INFERENCE_PATHS,
 }
+ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 FIRST_BIN = 2  # validate on holes of 20 % and more, where methods differ
 
@@ -198,6 +200,8 @@ def machine(device: torch.device) -> dict[str, str]:
         "cpu": cpu_name(),
         "flags": " ".join(f for f in CPU_FLAGS if f in flags) or "none of " + ", ".join(CPU_FLAGS),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        # an ISA cap makes this CPU run what an older one would (e.g. AVX2 only)
+        "isa": " ".join(f"{k}={os.environ[k]}" for k in ISA_CAPS if k in os.environ) or "native",
         "torch": torch.__version__,
         "threads": str(torch.get_num_threads()),
     }
@@ -251,7 +255,7 @@ def goal_lines(records: list[dict[str, Any]]) -> list[str]:
 def section(env: dict[str, str], records: list[dict[str, Any]], command: str, photos: int) -> str:
     return "\n".join(
         [
-            f"### {env['cpu']} · {env['device']}",
+            f"### {env['cpu']} · {env['device']} · ISA {env['isa']}",
             "",
             f"torch {env['torch']}, {env['threads']} threads, CPU flags: {env['flags']}. "
             f"`{command}`; quality on {photos} held-out photos per size (batch 1).",
@@ -316,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     text = section(env, records, command, args.photos)
     print("\n" + text)
     if args.doc is not None:
-        key = re.sub(r"[^a-z0-9]+", "-", f"{env['cpu']} {env['device']}".lower()).strip("-")
+        key = re.sub(r"[^a-z0-9]+", "-", f"{env['cpu']} {env['device']} {env['isa']}".lower()).strip("-")
         write_doc(args.doc, key, text)
         progress(f"wrote {args.doc}")
 

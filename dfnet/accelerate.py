@@ -143,11 +143,14 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 # --------------------------------------------------------------------------- choosing a path
 def native_bfloat16(device: torch.device) -> bool:
-    """Whether bf16 kernels run natively here (oneDNN on the CPU: AVX512-BF16 or AMX)."""
+    """Whether bf16 kernels run natively here: on the CPU, oneDNN finds AVX512-BF16 or AMX *and*
+    ATen runs its AVX-512 kernels (ATEN_CPU_CAPABILITY=avx2, with ONEDNN_MAX_CPU_ISA=AVX2, makes
+    such a CPU behave like an AVX2-only one, and then bf16 is emulated)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return torch.backends.mkldnn.is_available() and check is not None and bool(check())
+    onednn = torch.backends.mkldnn.is_available() and check is not None and bool(check())
+    return onednn and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def choose_path(device: str | torch.device = "cpu") -> tuple[InferencePath, str]:
