@@ -26,6 +26,7 @@ import socket
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -142,11 +143,15 @@ def bench_preset(preset: str, model_dir: str, args: argparse.Namespace, base_url
     items = workload(16, args.size)
     bodies = [(encode_png(photo), encode_png(hole)) for photo, hole in items]
     server_pass = images_per_pass(inpainter, (args.size,) * 2, "auto", info["forward_pixels"], args.max_batch_size)
-    bench_raw(inpainter, items, 2 * args.max_batch_size, args.max_batch_size, server_pass)  # warm-up, compile
+    # The raw runs use one dedicated thread, as the replica's model thread does (on this machine
+    # torch ran measurably slower on the main thread of a process than on a worker thread).
+    model_thread = ThreadPoolExecutor(max_workers=1)
+    batching = (args.max_batch_size, server_pass)
+    model_thread.submit(bench_raw, inpainter, items, 2 * args.max_batch_size, *batching).result()  # warm-up
     asyncio.run(drive(url, bodies, 2 * args.max_batch_size, args.clients))  # warm-up: connections, batches
     raw_runs, served_runs = [], []
     for _ in range(args.rounds):
-        raw_runs.append(bench_raw(inpainter, items, args.requests, args.max_batch_size, server_pass))
+        raw_runs.append(model_thread.submit(bench_raw, inpainter, items, args.requests, *batching).result())
         served_runs.append(asyncio.run(drive(url, bodies, args.requests, args.clients)))
     serve.delete(preset)
     raw = {name: float(np.median([r[name] for r in raw_runs])) for name in raw_runs[0]}
