@@ -171,7 +171,7 @@ def test_tagged_run_resumes_and_running_children_are_closed(tmp_path: Path, monk
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory, ray_local: Any) -> Path:
+def project(ray_local: Any) -> Iterator[Path]:
     """A copy of the project as a user has it after `make setup` and `dvc repro` (tiny): the
     working tree's files, its own virtualenv with the project installed editable from the copy,
     and small prepared data and masks at params.yaml's relative paths."""
@@ -179,30 +179,32 @@ def project(tmp_path_factory: pytest.TempPathFactory, ray_local: Any) -> Path:
     from pipelines.make_masks import make_masks
     from pipelines.prepare import prepare
 
-    root = tmp_path_factory.mktemp("project")
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           check=True, capture_output=True, text=True).stdout.split("\0")  # fmt: skip
-    for name in filter(None, files):
-        if (REPO / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, root / name)
-    raw = yaml.safe_load((root / "params.yaml").read_text())
-    raw["data"].update(source="sample", store_short_side=128)
-    raw["masks"].update(pool_size=50)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    params = load_params(root / "params.yaml")
-    prepare(DataParams(**{**vars(params.data), "out_dir": str(root / params.data.out_dir)}))
-    make_masks(MaskParams(**{**vars(params.masks), "out": str(root / params.masks.out)}))
-    # Its own virtualenv, sharing this one's packages, with the copy installed editable: what
-    # `make setup` gives a fresh clone (and what tune/search.py finds its project root by).
-    venv = root / ".venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    (site,) = venv.glob("lib/python*/site-packages")
-    shared = next(p for p in sys.path if p.endswith("site-packages") and Path(p, "ray").is_dir())
-    (site / "shared.pth").write_text(f"import site; site.addsitedir({shared!r})\n")
-    subprocess.run([venv / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "-e", str(root)], check=True, cwd=root)  # fmt: skip
-    return root
+    # Not under pytest's basetemp: a concurrent pytest on the machine may prune it mid-test.
+    with tempfile.TemporaryDirectory(prefix="dfnet-project-", ignore_cleanup_errors=True) as tmp:
+        root = Path(tmp)
+        files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                               check=True, capture_output=True, text=True).stdout.split("\0")  # fmt: skip
+        for name in filter(None, files):
+            if (REPO / name).is_file():
+                (root / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(REPO / name, root / name)
+        raw = yaml.safe_load((root / "params.yaml").read_text())
+        raw["data"].update(source="sample", store_short_side=128)
+        raw["masks"].update(pool_size=50)
+        (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        params = load_params(root / "params.yaml")
+        prepare(DataParams(**{**vars(params.data), "out_dir": str(root / params.data.out_dir)}))
+        make_masks(MaskParams(**{**vars(params.masks), "out": str(root / params.masks.out)}))
+        # Its own virtualenv, sharing this one's packages, with the copy installed editable: what
+        # `make setup` gives a fresh clone (and what tune/search.py finds its project root by).
+        venv = root / ".venv"
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+        (site,) = venv.glob("lib/python*/site-packages")
+        shared = next(p for p in sys.path if p.endswith("site-packages") and Path(p, "ray").is_dir())
+        (site / "shared.pth").write_text(f"import site; site.addsitedir({shared!r})\n")
+        subprocess.run([venv / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "-e", str(root)], check=True, cwd=root)  # fmt: skip
+        yield root
 
 
 @pytest.fixture(scope="module")
