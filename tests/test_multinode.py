@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
 from dfnet.params import load_params
@@ -96,6 +97,7 @@ def _train_workers() -> list[dict[str, Any]]:
     return [a for a in ray._private.state.actors().values() if a["ActorClassName"] == "RayTrainWorker"]
 
 
+@pytest.mark.slow  # in the default run (`make test`); `-m 'not slow'` skips it
 def test_training_survives_losing_a_node(ray_two_nodes, s3_server, prepared_split, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = _tiny_params(s3_server)
