@@ -20,6 +20,7 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
@@ -117,7 +118,11 @@ def register_model(
     context = mlflow.start_run(run_id=run_id) if run_id or not mlflow.active_run() else contextlib.nullcontext()
     with context:
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=DFNetPyfunc(), artifacts={ARTIFACT_KEY: str(model_dir)}
+            name="model",
+            python_model=DFNetPyfunc(),
+            artifacts={ARTIFACT_KEY: str(model_dir)},
+            # Named, not inferred: MLflow's inference loads the model in a subprocess (a minute).
+            pip_requirements=["dfnet", f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
         )
         mlflow.log_metric(f"registered_{metric}", value)
     version = mlflow.register_model(info.model_uri, name).version
