@@ -12,6 +12,7 @@ No ``from __future__ import annotations``: FastAPI reads the route signatures' a
 """
 
 import asyncio
+import itertools
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -152,12 +153,17 @@ class InpaintDeployment:
         self.forward_seconds = metrics.Histogram(
             "dfnet_batch_seconds", description="Model time per batch", boundaries=[0.05, 0.1, 0.2, 0.5, 1, 2, 5]
         )
-        for side in s.warmup_sizes:
-            hole = np.zeros((side, side), dtype=bool)
-            hole[side // 4 : side // 2, side // 4 : side // 2] = True
-            job = Job(np.full((side, side, 3), 127, np.uint8), hole, "auto")
-            for count in sorted({1, self._pass_size([job])}):
-                self._run_jobs([job] * count)
+        # Compile now, through the Inpainter as requests call it (the graphs guard on how they
+        # are called). Dynamo specialises a dimension of size 1 and makes the others dynamic once
+        # they change: batches of 1 and 2 at two sizes leave graphs for any batch and any size,
+        # so no request pays a compile (with one size, later sizes compile once more).
+        for side, batch in itertools.product(s.warmup_sizes, (1, 2)):
+            side = -(-side // self.inpainter.multiple) * self.inpainter.multiple
+            hole = np.zeros((side, side), dtype=np.uint8)
+            hole[side // 4 : side // 2, side // 4 : side // 2] = 255
+            grey = np.full((side, side, 3), 127, np.uint8)
+            self.inpainter.max_batch = batch
+            self.inpainter.inpaint_batch([grey] * batch, [hole] * batch, strategy="pad")
         logger.info("DFNet replica ready: %s", {k: self.info[k] for k in ("source", "preset", "device", "inference")})
 
     def _pass_size(self, jobs: list[Job]) -> int:

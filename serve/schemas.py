@@ -28,8 +28,8 @@ class ServeSettings(BaseModel):
     device: str = "auto"  # auto = cuda when the replica sees a GPU, else cpu
     # dfnet.accelerate path: auto (chosen from the CPU's flags / CUDA), a named path, or off.
     inference: InferenceName = "auto"
-    # Square image sides run once at start-up (batch 1 and a full pass), so compilation and
-    # oneDNN set-up happen before the first request; [] = none.
+    # Square sides the inference path is compiled at during start-up, at batch 1 and 2 (see
+    # InpaintDeployment); two sizes leave no compile for any later request; [] = none.
     warmup_sizes: list[PositiveInt] = [128, 256]
     work_size: PositiveInt | None = None  # Inpainter's work size; None = its default
     # Pixels per forward pass (batch × padded H × W). On a CPU a big batch of big images runs
