@@ -52,7 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=64, help="answered requests per run")
     parser.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, raw and replica")
+    # One CPU is left to Serve's proxy and the load generator, which share the machine.
+    threads = max(1, (os.cpu_count() or 2) - 1)
+    parser.add_argument("--threads", type=int, default=threads, help="torch threads, raw and replica")
     parser.add_argument("--inference", default="auto", help="dfnet.accelerate path (or off), raw and served")
     parser.add_argument("--max-batch-size", type=int, default=ServeSettings().max_batch_size)
     parser.add_argument("--batch-wait-s", type=float, default=ServeSettings().batch_wait_timeout_s)
@@ -188,15 +190,20 @@ def markdown(report: dict[str, Any]) -> str:
         f"{c['clients']} concurrent clients on the same machine, max_batch_size {c['max_batch_size']}, "
         f"batch wait {c['batch_wait_s']} s, inference `{c['inference']}`. Raw = the `Inpainter` in one process "
         "on arrays (best of 1 and max_batch_size images per call); served = HTTP + PNG through Serve. "
-        "Throughput: median of rounds; latency: all served requests pooled.",
+        "Throughput: median of rounds; latency: all served requests pooled; overhead = 1/served − 1/raw, "
+        "the time per request that serving adds (HTTP, PNG, proxy, queueing; on this machine the load "
+        "generator shares the CPUs too).",
         "",
-        "| preset | path | threads | raw img/s | served img/s | served / raw | p50 ms | p99 ms | mean batch |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| preset | path | threads | raw img/s | served img/s | served / raw | overhead ms | p50 ms | p99 ms "
+        "| mean batch |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
+        raw = max(r["raw"].values())
         lines.append(
-            f"| {r['preset']} | {r['inference']} | {r['torch_threads']} | {max(r['raw'].values()):.1f} "
-            f"| {r['served']:.1f} | {100 * r['ratio']:.0f} % | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} "
+            f"| {r['preset']} | {r['inference']} | {r['torch_threads']} | {raw:.1f} "
+            f"| {r['served']:.1f} | {100 * r['ratio']:.0f} % | {1000 / r['served'] - 1000 / raw:.0f} "
+            f"| {r['p50_ms']:.0f} | {r['p99_ms']:.0f} "
             f"| {r['mean_batch']:.2f} |"
         )
     return "\n".join(lines) + "\n"
