@@ -168,8 +168,15 @@ def persistent_compile_cache() -> Path:
     """Keep inductor's compiled kernels in a folder that survives restarts (unless the user set
     TORCHINDUCTOR_CACHE_DIR): the next process with the same model and shapes skips most of the
     compile time. Returns the folder in use."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dfnet" / "inductor"
-    folder = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default)))
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    ours = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dfnet" / "inductor"
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    # Inductor writes its own default (under /tmp) into the environment once it has looked it
+    # up, so that value means "not set by the user" too.
+    if current is None or Path(current).resolve() == Path(default_cache_dir()).resolve():
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(ours)
+    folder = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -211,7 +218,9 @@ class InferenceRunner:
     def __repr__(self) -> str:
         return f"InferenceRunner(path={self.path.name!r}, device={self.device}, compiled={self.compiled})"
 
-    @torch.no_grad()
+    # inference_mode, not no_grad: callers such as Inpainter run it in inference mode, and a
+    # compiled graph traced under the other mode would be recompiled on their first call.
+    @torch.inference_mode()
     def __call__(self, image: Tensor, mask: Tensor) -> Tensor:
         """image: N3HW in [0, 1]; mask: N1HW, 1 = known. Returns the completed N3HW float32 image
         on the runner's device (standard contiguous layout)."""

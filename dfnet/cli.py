@@ -14,16 +14,15 @@ import json
 import sys
 from pathlib import Path
 
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from dfnet.accelerate import INFERENCE_PATHS, optimize_for_inference
+from dfnet.images import is_image_file, open_image
 from dfnet.inpaint import STRATEGIES, Inpainter
 from dfnet.masks import MASK_CONVENTIONS
 from dfnet.model import CheckpointMismatchError, DFNet, import_official_checkpoint, read_model_config
 from dfnet.pretrained import PRETRAINED_NAME
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+from dfnet.sources import load_model
 
 
 def _pairs(image: Path, mask: Path, out: Path) -> list[tuple[Path, Path, Path]]:
@@ -33,9 +32,9 @@ def _pairs(image: Path, mask: Path, out: Path) -> list[tuple[Path, Path, Path]]:
         return [(image, mask, out)]
     if not image.is_dir() or not mask.is_dir():
         raise SystemExit(f"error: --image and --mask must both be files or both be folders ({image}, {mask})")
-    masks = {p.stem: p for p in mask.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    masks = {p.stem: p for p in mask.iterdir() if is_image_file(p)}
     triples = []
-    for path in sorted(p for p in image.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+    for path in sorted(p for p in image.iterdir() if is_image_file(p)):
         if path.stem not in masks:
             print(f"warning: no mask for {path.name} in {mask}; skipped", file=sys.stderr)
             continue
@@ -46,7 +45,7 @@ def _pairs(image: Path, mask: Path, out: Path) -> list[tuple[Path, Path, Path]]:
 
 
 def cmd_inpaint(args: argparse.Namespace) -> int:
-    model = DFNet.from_pretrained(args.model, map_location=args.device)
+    model, _ = load_model(args.model, args.device)
     # One runner for the whole run: a compiled path compiles on the first image (and once more
     # for a second size; after that torch.compile's graphs take any size), not per image.
     runner = None if args.inference == "off" else optimize_for_inference(model, device=args.device, path=args.inference)
@@ -57,8 +56,8 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
     failures = 0
     for image_path, mask_path, out_path in tqdm(triples, desc="inpainting", unit="image", disable=len(triples) == 1):
         try:
-            image = ImageOps.exif_transpose(Image.open(image_path))
-            mask = Image.open(mask_path)
+            image = open_image(image_path.read_bytes())  # EXIF-rotated; L, RGB or RGBA
+            mask = open_image(mask_path.read_bytes())
             result = inpainter.inpaint(image, mask, mask_convention=args.mask_convention, strategy=args.strategy)
         except (OSError, ValueError) as error:  # one bad file must not stop a folder run
             failures += 1
@@ -95,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=PRETRAINED_NAME,
-        help="model directory (config.json + model.safetensors); default: the shipped pretrained model",
+        help="model directory (config.json + model.safetensors), s3://bucket/prefix, or an official .pth; "
+        "default: the shipped pretrained model",
     )
     p.add_argument("--image", required=True, help="an image file, or a folder of images")
     p.add_argument("--mask", required=True, help="a mask file, or a folder of masks named like the images")

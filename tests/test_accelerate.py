@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from dfnet.accelerate import (
     fold_batchnorm,
     native_bfloat16,
     optimize_for_inference,
+    persistent_compile_cache,
 )
 from dfnet.model import Conv2dSame, DFNet, build_model
 
@@ -281,3 +283,15 @@ def test_int8_path_quantises_and_stays_close_on_photos(tmp_path, monkeypatch):
     out, reference = runner(photos[2], masks), model.complete(photos[2], masks)
     hole = masks.expand_as(out) == 0
     assert 0 < (out - reference)[hole].abs().mean().item() < 2 / 255
+
+
+def test_compile_cache_survives_restarts_unless_the_user_chose_one(tmp_path, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    cache_dir()  # inductor writes its own default (under /tmp) into the environment
+    assert persistent_compile_cache() == tmp_path / "dfnet" / "inductor"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "dfnet" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert persistent_compile_cache() == tmp_path / "mine"  # the user's choice stands
