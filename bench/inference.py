@@ -110,8 +110,9 @@ def calibrated_official(photos: list[np.ndarray], seed: int) -> DFNet:
         if isinstance(module, torch.nn.BatchNorm2d):
             module.momentum = None  # a cumulative average over the passes
     model.train()
-    for image, mask in validation_pairs(crops(photos, 256), 256, seed):
-        model(image, mask)
+    pairs = validation_pairs(crops(photos, 256), 256, seed)
+    for first, second in zip(pairs[::2], pairs[1::2]):  # batches of 2: the 1×1 bottleneck needs > 1 value
+        model(torch.cat([first[0], second[0]]), torch.cat([first[1], second[1]]))
     return model.eval()
 
 
