@@ -7,6 +7,7 @@ ordinary clients (pyarrow, boto3) instead of patched ones.
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -201,3 +202,27 @@ def write_prepared_split(root: Any, split: str, photos: list[Any]) -> None:
 def prepared_split() -> Any:
     """`write_prepared_split(root, split, photos)`, for tests that need prepared data without Ray."""
     return write_prepared_split
+
+
+def _fit_in_background(params: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    """`build_trainer(params).fit()` on a daemon thread, so a test can act on the running job
+    (kill a worker or a node); the result or the error lands in the returned dict."""
+    from pipelines.train import build_trainer
+
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = build_trainer(params).fit()
+        except BaseException as error:  # surfaced by the caller's assertions
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+@pytest.fixture
+def fit_in_background() -> Any:
+    """The function `_fit_in_background`: start a Train run and keep control of the test."""
+    return _fit_in_background

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import io
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ import torch
 from dfnet.params import load_params
 from dfnet.training import run_identity
 from pipelines.make_masks import make_masks
-from pipelines.train import STATE_FILE, build_trainer, load_checkpoint_state
+from pipelines.train import STATE_FILE, load_checkpoint_state
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -98,7 +97,7 @@ def _train_workers() -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow  # in the default run (`make test`); `-m 'not slow'` skips it
-def test_training_survives_losing_a_node(ray_two_nodes, s3_server, prepared_split, monkeypatch):
+def test_training_survives_losing_a_node(ray_two_nodes, s3_server, prepared_split, fit_in_background, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = _tiny_params(s3_server)
     # Prepared data and mask pool in the bucket, as the prepare and masks stages leave them.
@@ -110,16 +109,7 @@ def test_training_survives_losing_a_node(ray_two_nodes, s3_server, prepared_spli
     name = run_identity(params)
     run_prefix = f"runs/{name}/"
 
-    outcome: dict[str, Any] = {}
-
-    def fit() -> None:
-        try:
-            outcome["result"] = build_trainer(params).fit()
-        except BaseException as error:  # surfaced by the assertions below
-            outcome["error"] = error
-
-    thread = threading.Thread(target=fit, daemon=True)
-    thread.start()
+    thread, outcome = fit_in_background(params)
     # A checkpoint counts once the controller has registered it (its snapshot is written then);
     # one merely uploaded by a worker is not yet what a restarted group is given.
     deadline = time.monotonic() + TIMEOUT_S

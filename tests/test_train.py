@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -267,7 +266,7 @@ def _train_workers() -> list[psutil.Process]:
 
 
 @pytest.mark.slow
-def test_killed_worker_resumes_from_last_checkpoint(data_root, tmp_path):
+def test_killed_worker_resumes_from_last_checkpoint(data_root, tmp_path, fit_in_background):
     params = tiny_params(
         data_root,
         train={
@@ -279,16 +278,7 @@ def test_killed_worker_resumes_from_last_checkpoint(data_root, tmp_path):
     )
     total = params.train.epochs * steps_per_epoch(params)
     run_dir = tmp_path / "runs" / run_identity(params)
-    outcome: dict[str, Any] = {}
-
-    def fit() -> None:
-        try:
-            outcome["result"] = build_trainer(params).fit()
-        except BaseException as error:  # surfaced by the assertions below
-            outcome["error"] = error
-
-    thread = threading.Thread(target=fit, daemon=True)
-    thread.start()
+    thread, outcome = fit_in_background(params)
     # Kill only once the controller has registered a checkpoint (its snapshot file appears):
     # a checkpoint merely uploaded by a worker is not yet one a restarted worker group gets.
     deadline = time.monotonic() + 240
