@@ -23,7 +23,7 @@ from dfnet.accelerate import (
     optimize_for_inference,
     persistent_compile_cache,
 )
-from dfnet.model import Conv2dSame, DFNet, build_model
+from dfnet.model import Conv2dSame, DFNet, build_model, upsample_and_concat
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64  # the small preset's size multiple
@@ -113,10 +113,11 @@ def test_plain_path_is_the_eager_model(model, inputs, reference):
     assert torch.allclose(out, reference, atol=1e-6, rtol=0)
 
 
-def test_padding_change_is_bit_identical():
-    """Convs with a symmetric "same" pad let nn.Conv2d pad; the old explicit F.pad everywhere
-    (bench/inference.py's `padded` path) computes the same sums over the same zeros, at both
-    presets. oneDNN picks its kernel by input layout, so a few shapes differ in the last bit."""
+def test_eager_changes_keep_the_numbers():
+    """Convs with a symmetric "same" pad let nn.Conv2d pad, and decoder blocks write upsample and
+    concat in one pass; bench/inference.py's `before` path (explicit F.pad everywhere, upsample
+    then cat) computes the same sums over the same values, at both presets. oneDNN picks its
+    kernel by input layout, so a few shapes differ in the last bit."""
     spec = importlib.util.spec_from_file_location("bench_inference", ROOT / "bench" / "inference.py")
     bench = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(ROOT / "bench"))  # the script imports its sibling bench/quality.py
@@ -127,16 +128,34 @@ def test_padding_change_is_bit_identical():
     for preset in ("small", "official"):
         torch.manual_seed(0)
         net = build_model(preset).eval()
-        explicit = bench.explicit_padding(net)
+        before = bench.as_before(net)
         convs = [m for m in net.modules() if isinstance(m, Conv2dSame)]
         assert any(m.same_pad is None and m.padding != (0, 0) for m in convs)  # nn.Conv2d pads these
-        assert all(m.same_pad is not None for m in explicit.modules() if isinstance(m, Conv2dSame))
+        assert all(m.same_pad is not None for m in before.modules() if isinstance(m, Conv2dSame))
+        assert all(type(m) is bench.TwoPassDecoderBlock for m in before.decoder)
         size = net.config.size_multiple
         image, mask = torch.rand(1, 3, size, size), (torch.rand(1, 1, size, size) > 0.3).float()
         with torch.no_grad():
-            ours, old = net(image, mask), explicit(image, mask)
+            ours, old = net(image, mask), before(image, mask)
         for a, b in zip(ours.results + ours.alphas, old.results + old.alphas, strict=True):
             assert (a - b).abs().max().item() <= 2.5e-7  # two float32 ulps at 1.0
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_and_concat_is_upsample_then_cat(channels_last):
+    """Exactly the two-pass result, in the input's memory format, with gradients to both inputs."""
+    x = torch.randn(2, 5, 3, 4, requires_grad=True)
+    skip = torch.randn(2, 2, 6, 8, requires_grad=True)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    xl, skipl = x.contiguous(memory_format=layout), skip.contiguous(memory_format=layout)
+    ours = upsample_and_concat(xl, skipl)
+    reference = torch.cat([torch.nn.functional.interpolate(x, scale_factor=2.0), skip], dim=1)
+    assert torch.equal(ours, reference)
+    assert ours.is_contiguous(memory_format=layout)
+    weights = torch.randn_like(reference)
+    (ours_x, ours_skip) = torch.autograd.grad((ours * weights).sum(), (x, skip))
+    (ref_x, ref_skip) = torch.autograd.grad((reference * weights).sum(), (x, skip))
+    assert torch.allclose(ours_x, ref_x) and torch.equal(ours_skip, ref_skip)
 
 
 def test_eager_path_folds_uses_channels_last_and_copies(model, inputs, reference):
