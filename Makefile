@@ -33,8 +33,11 @@ repro: setup
 chromium:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
+# Two processes (pytest-xdist), each taking whole files: a file's module fixtures (a DVC repo,
+# a Ray cluster) are built once. TEST_PROCESSES=0 runs everything in this one process.
+TEST_PROCESSES ?= 2
 test: setup chromium
-	pytest -q
+	pytest -q -n $(TEST_PROCESSES) --dist loadfile
 
 lint: setup
 	ruff check dfnet pipelines tune serve bench tests

@@ -20,6 +20,27 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+# `make test` runs the files in two processes (pytest-xdist, whole files per process). The files
+# of the end-to-end tests go first, longest first (from `--durations` of a full run), so the two
+# processes finish together instead of one starting the longest file last.
+LONGEST_FILES_FIRST = (
+    "test_tune.py",
+    "test_train.py",
+    "test_pipeline.py",
+    "test_serve.py",
+    "test_browser.py",
+    "test_multinode.py",
+    "test_prepare.py",
+    "test_accelerate.py",
+    "test_training.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
+
+
 S3_ACCESS_KEY = "testing"
 S3_SECRET_KEY = "testing"
 S3_REGION = "us-east-1"

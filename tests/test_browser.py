@@ -61,9 +61,9 @@ def page_url(ray_local, tmp_path_factory: pytest.TempPathFactory) -> str:
     serve.shutdown()  # a Serve left by another file would keep its own port
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    # The default inference path (compiled on a CPU with a C++ compiler), warmed up at the one
-    # size this test sends, as Serve warms up at start-up.
-    settings = ServeSettings(source=str(model_dir), warmup_sizes=[256])
+    # Eager: this test is about the page. The default, compiled path is served end to end by
+    # tests/test_tune.py::test_serve_deploy_serves_the_champion.
+    settings = ServeSettings(source=str(model_dir), inference="eager", warmup_sizes=[])
     deployment = InpaintDeployment.options(ray_actor_options={"num_cpus": 0})
     serve.run(deployment.bind(settings), name="browser", route_prefix="/")
     yield f"http://127.0.0.1:{port}/"
@@ -76,7 +76,7 @@ def test_draw_submit_and_get_the_completed_image(
     sync_api = pytest.importorskip("playwright.sync_api")
     rng = np.random.default_rng(0)
     photo = tmp_path / "photo.png"
-    width, height = 240, 200  # padded to 256², the warmed-up size
+    width, height = 240, 200
     Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(photo)
 
     with sync_api.sync_playwright() as playwright:

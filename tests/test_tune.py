@@ -5,10 +5,13 @@ against a `ray start --head` cluster, in a copy of the project with its own inst
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
@@ -250,16 +254,14 @@ def ray_head(project: Path) -> Iterator[dict[str, str]]:
 
 
 def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
-    """Stop this cluster only: SIGTERM to `ray start --block` (it stops what it started), then any
-    straggler whose command line names this cluster's temp dir, by pid."""
+    """Stop this cluster only, at once (a graceful `ray stop` takes half a minute and the cluster
+    is thrown away): SIGKILL to the process group of `ray start --block`, then any straggler
+    that left the group, found by this cluster's temp dir on its command line."""
     import psutil
 
-    if head.poll() is None:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGKILL)
+    head.wait()
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
             if any(temp_dir in part for part in proc.info["cmdline"] or []):
@@ -268,18 +270,24 @@ def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
             pass
 
 
+@pytest.fixture(scope="module")
+def search_job(project: Path, ray_head: dict[str, str]) -> subprocess.CompletedProcess:
+    """The bare `ray job submit --working-dir . -- python tune/search.py --smoke`, from the project
+    root, run once for the tests below."""
+    return subprocess.run(["ray", "job", "submit", "--working-dir", ".", "--", "python", "tune/search.py", "--smoke"],
+                          cwd=project, env=ray_head, capture_output=True, text=True, timeout=900)  # fmt: skip
+
+
 @pytest.mark.slow
 def test_the_mission_command_registers_the_champion_in_the_projects_mlflow(
-    project: Path, ray_head: dict[str, str]
+    project: Path, ray_head: dict[str, str], search_job: subprocess.CompletedProcess
 ) -> None:
-    """The bare `ray job submit --working-dir . -- python tune/search.py --smoke` from the project
-    root: the job runs in an uploaded copy, yet reads the project's data and writes its trials, the
+    """The job runs in an uploaded copy, yet reads the project's data and writes its trials, the
     parent run's results and the registered dfnet@champion to the project's runs/ and mlflow.db.
     Then `python tune/search.py --smoke` again: the finished search is restored, not rerun."""
     from mlflow import MlflowClient
 
-    job = subprocess.run(["ray", "job", "submit", "--working-dir", ".", "--", "python", "tune/search.py", "--smoke"],
-                         cwd=project, env=ray_head, capture_output=True, text=True, timeout=900)  # fmt: skip
+    job = search_job
     assert job.returncode == 0, (job.stdout + job.stderr)[-8000:]
     assert "succeeded" in job.stdout + job.stderr
 
@@ -304,3 +312,70 @@ def test_the_mission_command_registers_the_champion_in_the_projects_mlflow(
     assert "restoring" in again.stderr and f"already registered version {champion.version}" in again.stdout
     assert len(client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 2
     assert len(client.search_model_versions("name = 'dfnet'")) == 1
+
+
+@pytest.mark.slow
+def test_serve_deploy_serves_the_champion(
+    project: Path, ray_head: dict[str, str], search_job: subprocess.CompletedProcess, tmp_path: Path
+) -> None:
+    """`serve deploy serve/config.yaml` from the project root to the same cluster, the config as
+    shipped but for its HTTP port (one the OS picked) and one warm-up size instead of two (each
+    compiles for most of a minute here): the replica finds the project's MLflow, serves the
+    champion the search registered on the default inference path, compiled during its warm-up,
+    and completes a photo."""
+    import httpx
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    from dfnet.accelerate import choose_path
+
+    assert search_job.returncode == 0, "the search job failed: see the test above"
+    champion = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}").get_model_version_by_alias(
+        "dfnet", "champion"
+    )
+    config_file = project / "serve" / "config.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config["http_options"]["port"] = port
+    (application,) = config["applications"]
+    application["args"]["warmup_sizes"] = [128]  # the photo below is padded to 128²
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    # `serve` talks to the dashboard: a default `ray start --head` has it at localhost:8265, this
+    # one on a port the OS picked, which the cluster itself reports.
+    dashboard = subprocess.run([str(project / ".venv" / "bin" / "python"), "-c",
+                                "import ray; print(ray.init(log_to_driver=False).dashboard_url)"],
+                               env=ray_head, capture_output=True, text=True, check=True).stdout.split()[-1]  # fmt: skip
+    env = {**ray_head, "RAY_DASHBOARD_ADDRESS": f"http://{dashboard}"}
+    deploy = subprocess.run(["serve", "deploy", "serve/config.yaml"], cwd=project, env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert deploy.returncode == 0, (deploy.stdout + deploy.stderr)[-4000:]
+
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 900  # the warm-up compiles; a busy 2-core machine is slow at it
+    while True:
+        try:
+            info = httpx.get(f"{base}/model", timeout=10)
+            if info.status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        status = subprocess.run(["serve", "status"], cwd=project, env=env, capture_output=True, text=True)
+        assert "DEPLOY_FAILED" not in status.stdout, status.stdout
+        assert time.monotonic() < deadline, f"not serving after 15 minutes:\n{status.stdout}"
+        time.sleep(5)
+    served = info.json()
+    assert served["source"] == "models:/dfnet@champion" and served["version"] == int(champion.version)
+    assert served["inference"] == choose_path("cpu")[0].name
+
+    rng = np.random.default_rng(0)
+    photo, mask = io.BytesIO(), io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(photo, format="PNG")
+    hole = np.zeros((90, 120), np.uint8)
+    hole[30:60, 40:80] = 255  # white = fill, the default convention
+    Image.fromarray(hole).save(mask, format="PNG")
+    response = httpx.post(f"{base}/inpaint", files={"image": photo.getvalue(), "mask": mask.getvalue()}, timeout=120)
+    assert response.status_code == 200, response.text
+    completed = np.asarray(Image.open(io.BytesIO(response.content)))
+    assert completed.shape == (90, 120, 3)
