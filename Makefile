@@ -1,7 +1,7 @@
 # Two commands on a fresh machine:
 #   make repro   the main job: `dvc repro` on the embedded default (sample photos, small model, CPU)
 #   make test    the test suite (what CI runs)
-# Both create .venv and install the project into it first. --no-compile: Python compiles what
+# Both create .venv and install the project into it first.: Python compiles what
 # it imports on first use instead of pip compiling every module of every package (a minute).
 
 PYTHON ?= python3
@@ -21,8 +21,8 @@ export PYTHONUNBUFFERED := 1
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q --no-compile "$(TORCH)"
-	$(BIN)/python -m pip install -q --no-compile -c constraints.txt -e ".[ray,test]"
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[ray,test]"
 	touch $@
 
 setup: $(VENV)/.installed
