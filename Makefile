@@ -1,8 +1,7 @@
 # Two commands on a fresh machine:
 #   make repro   the main job: `dvc repro` on the embedded default (sample photos, small model, CPU)
 #   make test    the test suite (what CI runs)
-# Both create .venv and install the project into it first.: Python compiles what
-# it imports on first use instead of pip compiling every module of every package (a minute).
+# Both create .venv and install the project into it first.
 
 PYTHON ?= python3
 # The small CPU build of PyTorch. GPU users: make setup TORCH="torch==2.14.1" (a CUDA build), or
