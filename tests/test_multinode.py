@@ -40,7 +40,7 @@ import torch
 from dfnet.params import load_params
 from dfnet.training import run_identity
 from pipelines.make_masks import make_masks
-from pipelines.train import STATE_FILE, load_checkpoint_state
+from pipelines.train import SAMPLES_FILE, STATE_FILE, load_checkpoint_state
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -156,3 +156,10 @@ def test_training_survives_losing_a_node(ray_two_nodes, s3_server, prepared_spli
     # ...and its first step was the one after it.
     assert min(s for s in steps if s > resumed_at) == resumed_at + 1
     assert all(np.isfinite(h["loss_total"]) for h in history if "loss_total" in h)
+    # The run keeps its last two checkpoints (CheckpointConfig(num_to_keep=2)), in the bucket, each
+    # with its sample grid; nothing went to a local folder named like the URI. (An upload the
+    # killed group made but the controller never registered may stay beside them.)
+    keys = _objects(s3_server, run_prefix)
+    kept = [checkpoint.path.removeprefix(f"{s3_server.bucket}/") for checkpoint, _ in result.best_checkpoints]
+    assert len(kept) == 2 and all(f"{path}/{name}" in keys for path in kept for name in (STATE_FILE, SAMPLES_FILE))
+    assert not (Path.cwd() / "s3:").exists()

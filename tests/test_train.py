@@ -1,15 +1,15 @@
-"""The train stage through real Ray Train: checkpoints, export, resume, fault tolerance, S3, MLflow.
+"""The train stage through real Ray Train: checkpoints, export, resume, fault tolerance, MLflow.
 
 Everything runs on tiny configurations (the `small` preset at 64², batch 4, a few steps, the
 library's one loop `dfnet.training.train` inside the workers) on the session's 2-CPU local Ray.
 Each `fit()` costs Ray Train's start-up (~10-25 s on a busy 2-core machine), so the runs are
-shared through module fixtures where a test only reads them; the worker-kill and S3 tests start
-their own runs and are marked slow.
+shared through module fixtures where a test only reads them; the worker-kill test starts its own
+run and is marked slow. Training with its data and checkpoints on S3 is tests/test_multinode.py's
+(preparing from and to S3 is tests/test_prepare.py's).
 """
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import time
@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dfnet.data import read_split, split_of
+from dfnet.data import read_split
 from dfnet.losses import DFNetLoss
 from dfnet.model import DFNet, read_model_config
 from dfnet.params import Params, load_params, parse_params
@@ -317,56 +317,3 @@ def test_killed_worker_resumes_from_last_checkpoint(data_root, tmp_path, fit_in_
     assert min(after_kill) > seen_step and max(after_kill) == total
     assert total - seen_step < total
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
-
-
-def _photo(seed: int, height: int, width: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([xx * 255 / width, yy * 255 / height, np.full_like(xx, seed * 37 % 255)], -1)
-    pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-@pytest.mark.slow
-def test_s3_prepare_train_and_resume(data_root, s3_server):
-    """Source photos, prepared shards and Ray Train storage all in a bucket of a real S3 server."""
-    params = tiny_params(
-        data_root,
-        data={"source": s3_server.uri("raw"), "out_dir": s3_server.uri("prepared")},
-        train={"storage_path": s3_server.uri("runs"), "run_name": "s3"},
-    )
-    # Photo names chosen through the split rule itself, so every split gets photos.
-    wanted = {"train": 8, "val": 1, "test": 1}
-    names: dict[str, list[str]] = {split: [] for split in wanted}
-    index = 0
-    while any(len(names[s]) < n for s, n in wanted.items()):
-        name = f"photos/p{index:03d}.png"
-        split = split_of(name, params.data.val_fraction, params.data.test_fraction)
-        if len(names[split]) < wanted[split]:
-            names[split].append(name)
-            blob = _photo(index, 70 + index % 5 * 10, 90)
-            s3_server.client.put_object(Bucket=s3_server.bucket, Key=f"raw/{name}", Body=blob)
-        index += 1
-    report = prepare(params.data)
-    assert {s: report["splits"][s]["images"] for s in wanted} == wanted
-
-    result = build_trainer(params).fit()
-    state = load_checkpoint_state(result.checkpoint)
-    total = params.train.epochs * steps_per_epoch(params)
-    assert state["step"] == total
-    check_history(state["history"], params)
-    name = run_identity(params)
-    assert result.checkpoint.path.startswith(f"{s3_server.bucket}/runs/{name}/")
-    listing = s3_server.client.list_objects_v2(Bucket=s3_server.bucket, Prefix=f"runs/{name}/")
-    keys = [item["Key"] for item in listing.get("Contents", [])]
-    stored = {k.split("/")[2] for k in keys if k.endswith(f"/{STATE_FILE}")}
-    assert len(stored) == min(params.train.epochs, 2)  # CheckpointConfig(num_to_keep=2)
-    assert all(f"runs/{name}/{c}/{SAMPLES_FILE}" in keys for c in stored)
-    assert not (Path.cwd() / "s3:").exists()  # nothing went to a local folder named like a URI
-
-    again = build_trainer(params).fit()
-    resumed = load_checkpoint_state(again.checkpoint)
-    assert resumed["step"] == total
-    assert resumed["history"] == state["history"]  # read back from the bucket, not retrained
