@@ -7,6 +7,7 @@ ordinary clients (pyarrow, boto3) instead of patched ones.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import uuid
 from collections.abc import Iterator
@@ -247,3 +248,17 @@ def _fit_in_background(params: Any) -> tuple[threading.Thread, dict[str, Any]]:
 def fit_in_background() -> Any:
     """The function `_fit_in_background`: start a Train run and keep control of the test."""
     return _fit_in_background
+
+
+def _free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that the OS just handed out, for servers that cannot bind port 0
+    and report it themselves (Ray Serve's proxy)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_loopback_port() -> Any:
+    """The function `_free_loopback_port`."""
+    return _free_loopback_port

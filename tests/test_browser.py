@@ -8,7 +8,6 @@ own browser downloads are never used. Screenshots go to $TEST_ARTIFACTS_DIR or t
 import base64
 import io
 import os
-import socket
 from pathlib import Path
 
 import httpx
@@ -34,12 +33,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def artifacts_dir() -> Path:
     path = Path(os.environ.get("TEST_ARTIFACTS_DIR") or ROOT / "test-artifacts")
@@ -48,7 +41,7 @@ def artifacts_dir() -> Path:
 
 
 @pytest.fixture(scope="module")
-def page_url(ray_local, tmp_path_factory: pytest.TempPathFactory) -> str:
+def page_url(ray_local, free_loopback_port, tmp_path_factory: pytest.TempPathFactory) -> str:
     """Serve the shipped pretrained model (what a fresh install serves) on a free loopback port;
     shut down afterwards."""
     from ray import serve
@@ -59,7 +52,7 @@ def page_url(ray_local, tmp_path_factory: pytest.TempPathFactory) -> str:
 
     model_dir = pretrained_dir()
     serve.shutdown()  # a Serve left by another file would keep its own port
-    port = _free_port()
+    port = free_loopback_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     # Eager: this test is about the page. The default, compiled path is served end to end by
     # tests/test_tune.py::test_serve_deploy_serves_the_champion.

@@ -11,7 +11,6 @@ import io
 import itertools
 import json
 import os
-import socket
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -97,12 +96,6 @@ def png_bomb(side: int = 20_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
 class Server:
     url: str  # the batched application
@@ -118,12 +111,12 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, model_dir: Path):
+def server(ray_local, model_dir: Path, free_loopback_port):
     """Serve started once for this file; shut down (Ray itself stays for other files)."""
     from ray import serve
 
     serve.shutdown()  # a Serve left by another file would keep its own port and options
-    port = free_port()
+    port = free_loopback_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = dict(
         source=str(model_dir),

@@ -11,7 +11,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -316,7 +315,7 @@ def test_the_mission_command_registers_the_champion_in_the_projects_mlflow(
 
 @pytest.mark.slow
 def test_serve_deploy_serves_the_champion(
-    project: Path, ray_head: dict[str, str], search_job: subprocess.CompletedProcess, tmp_path: Path
+    project: Path, ray_head: dict[str, str], search_job: subprocess.CompletedProcess, free_loopback_port: Any
 ) -> None:
     """`serve deploy serve/config.yaml` from the project root to the same cluster, the config as
     shipped but for its HTTP port (one the OS picked) and one warm-up size instead of two (each
@@ -335,9 +334,7 @@ def test_serve_deploy_serves_the_champion(
     )
     config_file = project / "serve" / "config.yaml"
     config = yaml.safe_load(config_file.read_text())
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_loopback_port()
     config["http_options"]["port"] = port
     (application,) = config["applications"]
     application["args"]["warmup_sizes"] = [128]  # the photo below is padded to 128²
