@@ -1,10 +1,10 @@
 """The `dfnet` command line.
 
-    dfnet inpaint --image IMG --mask MASK --out OUT            # the shipped pretrained model
-    dfnet inpaint --model DIR --image IMG --mask MASK --out OUT
-    dfnet inpaint --model DIR --image PHOTOS/ --mask MASKS/ --out RESULTS/
-    dfnet import-official model_places2.pth models/places2
-    dfnet info --model DIR
+dfnet inpaint --image IMG --mask MASK --out OUT            # the shipped pretrained model
+dfnet inpaint --model DIR --image IMG --mask MASK --out OUT
+dfnet inpaint --model DIR --image PHOTOS/ --mask MASKS/ --out RESULTS/
+dfnet import-official model_places2.pth models/places2
+dfnet info --model DIR
 """
 
 from __future__ import annotations
@@ -110,10 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--inference",
-        choices=["auto", "off", *(name for name, path in INFERENCE_PATHS.items() if not path.int8)],
+        choices=["auto", "off", *INFERENCE_PATHS],
         default="auto",
         help="how the network runs (dfnet.accelerate): auto = the fastest path for this machine "
-        "(compiled, bf16 where native; the first image pays the compile), off = the plain model",
+        "(compiled; bf16 where native, else int8; the first image pays the compile), off = the plain model",
     )
     p.set_defaults(func=cmd_inpaint)
 

@@ -231,10 +231,7 @@ def train_crop(
 
 def _check_fractions(val_fraction: float, test_fraction: float) -> None:
     if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction > 1:
-        raise ValueError(
-            "need val_fraction, test_fraction >= 0 with a sum <= 1, "
-            f"got {val_fraction}, {test_fraction}"
-        )
+        raise ValueError(f"need val_fraction, test_fraction >= 0 with a sum <= 1, got {val_fraction}, {test_fraction}")
 
 
 def _unit(key: str) -> float:

@@ -118,9 +118,7 @@ class VGG16Features(nn.Module):
         with torch.no_grad():
             for module in self.features:
                 if isinstance(module, nn.Conv2d):
-                    nn.init.kaiming_normal_(
-                        module.weight, mode="fan_out", nonlinearity="relu", generator=gen
-                    )
+                    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu", generator=gen)
                     nn.init.zeros_(module.bias)
 
     def train(self, mode: bool = True) -> VGG16Features:
@@ -182,9 +180,7 @@ def _keep_up_to_pool3(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return kept
 
 
-def load_vgg16_features(
-    weights: str | None, fallback: str = "random"
-) -> tuple[VGG16Features | None, str]:
+def load_vgg16_features(weights: str | None, fallback: str = "random") -> tuple[VGG16Features | None, str]:
     """Build the frozen VGG16 pool1–pool3 extractor and say where its weights came from.
 
     Weights are looked for, in order, at ``weights`` (an explicit path), at ``$DFNET_VGG16_WEIGHTS``
@@ -209,9 +205,7 @@ def load_vgg16_features(
             try:
                 module.load_state_dict(state, strict=True)
             except RuntimeError as exc:
-                raise ValueError(
-                    f"{str(path)!r} is not a torchvision VGG16 state dict (features.0–14): {exc}"
-                ) from exc
+                raise ValueError(f"{str(path)!r} is not a torchvision VGG16 state dict (features.0–14): {exc}") from exc
             module.requires_grad_(False)
             return module, f"imagenet:{path}"
 
@@ -305,15 +299,12 @@ class DFNetLoss(nn.Module):
             raise ValueError("LossConfig.p and LossConfig.q are both 0: the loss would be empty")
         if config.texture_fallback not in _FALLBACKS:
             raise ValueError(
-                f"LossConfig.texture_fallback must be one of {_FALLBACKS}, "
-                f"got {config.texture_fallback!r}"
+                f"LossConfig.texture_fallback must be one of {_FALLBACKS}, got {config.texture_fallback!r}"
             )
         self.config = config
         self.vgg: VGG16Features | None
         if config.q > 0 and (config.perceptual != 0 or config.style != 0):
-            self.vgg, self.provenance = load_vgg16_features(
-                config.vgg_weights, config.texture_fallback
-            )
+            self.vgg, self.provenance = load_vgg16_features(config.vgg_weights, config.texture_fallback)
         else:
             self.vgg, self.provenance = None, "off (perceptual and style not used)"
         self.texture_enabled = self.vgg is not None
@@ -338,20 +329,15 @@ class DFNetLoss(nn.Module):
         n_scales = len(results)
         if cfg.p > n_scales or cfg.q > n_scales:
             raise ValueError(
-                f"p={cfg.p} and q={cfg.q} must not exceed the number of fused scales "
-                f"the model returns ({n_scales})"
+                f"p={cfg.p} and q={cfg.q} must not exceed the number of fused scales the model returns ({n_scales})"
             )
         if target.shape != results[0].shape:
-            raise ValueError(
-                f"target shape {tuple(target.shape)} != finest result {tuple(results[0].shape)}"
-            )
+            raise ValueError(f"target shape {tuple(target.shape)} != finest result {tuple(results[0].shape)}")
         if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != target.shape[-2:]:
             raise ValueError(f"mask must be N×1×H×W matching the target, got {tuple(mask.shape)}")
 
         zero = results[0].new_zeros((), dtype=torch.float32)
-        targets = [
-            _resize(target.to(r.dtype), tuple(r.shape[-2:])) for r in results[: max(cfg.p, cfg.q)]
-        ]
+        targets = [_resize(target.to(r.dtype), tuple(r.shape[-2:])) for r in results[: max(cfg.p, cfg.q)]]
 
         structure = zero
         if cfg.p > 0:

@@ -235,9 +235,7 @@ def _grow_mask(
     )
 
 
-def evaluation_masks(
-    count_per_bin: int, height: int, width: int, seed: int
-) -> dict[int, np.ndarray]:
+def evaluation_masks(count_per_bin: int, height: int, width: int, seed: int) -> dict[int, np.ndarray]:
     """Fixed evaluation masks per hole-ratio bin.
 
     Returns ``{bin_index: (count_per_bin, height, width) uint8}`` (1 = known, 0 = hole) where
@@ -258,9 +256,7 @@ def evaluation_masks(
     return result
 
 
-def mask_pool(
-    count: int, height: int, width: int, seed: int, max_ratio: float = 0.6
-) -> np.ndarray:
+def mask_pool(count: int, height: int, width: int, seed: int, max_ratio: float = 0.6) -> np.ndarray:
     """The training mask pool: ``(count, height, width)`` uint8, 1 = known, 0 = hole.
 
     Hole ratios are spread roughly uniformly over (0, ``max_ratio``) (the paper trains on 1000
@@ -301,9 +297,7 @@ _BITS_SUFFIX = ".bits"
 _SHAPE_SUFFIX = ".shape"
 
 
-def save_masks(
-    path: str | os.PathLike[str] | BinaryIO, masks_by_name: dict[str, np.ndarray]
-) -> None:
+def save_masks(path: str | os.PathLike[str] | BinaryIO, masks_by_name: dict[str, np.ndarray]) -> None:
     """Store named binary mask arrays bit-packed in a compressed ``.npz`` (path or binary file).
 
     Each entry ``name`` becomes ``name.bits`` (packed bytes) and ``name.shape`` in the archive.
@@ -350,9 +344,7 @@ def mask_from_image(array: np.ndarray, convention: str) -> np.ndarray:
     - ``"known-white"``: white = known pixel.
     """
     if convention not in MASK_CONVENTIONS:
-        raise ValueError(
-            f"unknown mask convention {convention!r}; expected one of {', '.join(MASK_CONVENTIONS)}"
-        )
+        raise ValueError(f"unknown mask convention {convention!r}; expected one of {', '.join(MASK_CONVENTIONS)}")
     image = np.asarray(array)
     if image.dtype == bool:
         image = image.astype(np.uint8) * 255

@@ -37,10 +37,7 @@ __all__ = [
 
 def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> None:
     if pred.shape != target.shape or pred.dim() != 4:
-        raise ValueError(
-            f"expected two NCHW tensors of equal shape, got {tuple(pred.shape)} "
-            f"and {tuple(target.shape)}"
-        )
+        raise ValueError(f"expected two NCHW tensors of equal shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
 
 
 def l1_percent(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -76,9 +73,7 @@ def band_width_for(height: int, width: int, width_at_256: int) -> int:
     return max(1, round(width_at_256 * min(height, width) / 256))
 
 
-def bpe(
-    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, band_width: int
-) -> torch.Tensor:
+def bpe(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, band_width: int) -> torch.Tensor:
     """Boundary Pixels Error per image: ``||b * (I - I_hat)||_1 / ||b||_1`` x100.
 
     ``b`` is :func:`boundary_band` broadcast over the channels, so this is the mean absolute
@@ -145,9 +140,7 @@ def ssim(
     var_y = blur(y * y) - mu_y * mu_y
     cov = blur(x * y) - mu_x * mu_y
     c1, c2 = k1**2, k2**2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
-        (mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)
-    )
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2))
     return ssim_map.flatten(2).mean(2).mean(1)
 
 
@@ -167,9 +160,7 @@ class FIDResult:
 _FID_WEIGHTS_GLOB = "pt_inception-2015-12-05-*.pth"
 
 
-def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
-) -> float:
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2).
 
     ``|mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))``. The trace of the matrix
@@ -257,9 +248,7 @@ def fid(
         # Lazy: pytorch-fid pulls in torchvision, an optional dependency.
         from pytorch_fid import inception as fid_inception
     except Exception as error:  # a broken torchvision raises non-ImportErrors
-        return FIDResult(
-            None, False, f"pytorch-fid not installed (pip install dfnet[fid]): {error}"
-        )
+        return FIDResult(None, False, f"pytorch-fid not installed (pip install dfnet[fid]): {error}")
     path, reason = _find_inception_weights(inception_weights)
     if path is None:
         return FIDResult(None, False, reason)

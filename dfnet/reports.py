@@ -28,9 +28,7 @@ def _pyplot() -> Any:
     return plt
 
 
-def write_training_report(
-    history: list[dict[str, Any]], out_dir: Path, elapsed_s: float
-) -> dict[str, Any]:
+def write_training_report(history: list[dict[str, Any]], out_dir: Path, elapsed_s: float) -> dict[str, Any]:
     """metrics/train.json (for `dvc metrics`), train_history.csv (for `dvc plots`) and a PNG curve."""
     plt = _pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -61,9 +59,7 @@ def write_training_report(
         "final_loss": steps[-1]["loss_total"] if steps else None,
         "final_val_l1": vals[-1]["val_l1"] if vals else None,
         "final_val_bpe": vals[-1]["val_bpe"] if vals else None,
-        "median_images_per_s": float(np.median([h["images_per_s"] for h in steps]))
-        if steps
-        else None,
+        "median_images_per_s": float(np.median([h["images_per_s"] for h in steps])) if steps else None,
         "elapsed_s": round(elapsed_s, 1),
     }
     (out_dir / "train.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -69,7 +69,6 @@ class PhotoCrops(Dataset):
         image_t = torch.from_numpy(crop).permute(2, 0, 1).float().div(255)
         return image_t, torch.from_numpy(mask)[None], photo
 
-
     def _photo(self, photo: int) -> np.ndarray:
         if photo in self._decoded:
             return self._decoded[photo]
@@ -100,9 +99,7 @@ def training_loader(
     Call :func:`set_epoch` with the epoch before iterating.
     """
     table = read_split(data_dir, "train")
-    dataset = PhotoCrops(
-        table.column("image").to_pylist(), mask_pool, size, crops_per_photo, seed, max_zoom_out
-    )
+    dataset = PhotoCrops(table.column("image").to_pylist(), mask_pool, size, crops_per_photo, seed, max_zoom_out)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
     return DataLoader(
         dataset,

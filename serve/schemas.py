@@ -13,9 +13,7 @@ from dfnet.masks import MASK_CONVENTIONS
 # The library's own lists as types: FastAPI and Pydantic then validate and document them.
 MaskConvention = Literal[MASK_CONVENTIONS]  # type: ignore[valid-type]
 StrategyName = Literal[STRATEGIES]  # type: ignore[valid-type]
-# int8 is left out: it needs calibration photos, which a replica does not have.
-SERVED_PATHS = tuple(name for name, path in INFERENCE_PATHS.items() if not path.int8)
-InferenceName = Literal[("auto", *SERVED_PATHS, "off")]  # type: ignore[valid-type]
+InferenceName = Literal[("auto", *INFERENCE_PATHS, "off")]  # type: ignore[valid-type]
 
 
 class ServeSettings(BaseModel):

@@ -6,6 +6,7 @@ import copy
 import importlib.util
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,8 +19,10 @@ from dfnet.accelerate import (
     INFERENCE_PATHS,
     InferencePath,
     choose_path,
+    default_calibration,
     fold_batchnorm,
     native_bfloat16,
+    native_int8,
     optimize_for_inference,
     persistent_compile_cache,
 )
@@ -193,8 +196,15 @@ def test_unknown_path_is_a_clear_error(model):
 
 def test_auto_chooses_from_the_machine(model, monkeypatch):
     path, reason = choose_path("cpu")
-    assert path is INFERENCE_PATHS["compile-bf16" if native_bfloat16(torch.device("cpu")) else "compile"]
+    assert path is INFERENCE_PATHS["compile-bf16" if native_bfloat16(torch.device("cpu")) else "int8"]
     assert "bf16" in reason
+    # The same CPU capped to AVX2 (what a Zen 3 runs): no native bf16, so int8 (torchao is installed).
+    capped = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    check = "from dfnet.accelerate import choose_path; print(*choose_path('cpu'), sep='|')"
+    out = subprocess.run([sys.executable, "-c", check], env=capped, capture_output=True, text=True, check=True)
+    name, reason = out.stdout.strip().rsplit("\n", 1)[-1].split("|")
+    assert name == "InferencePath(name='int8', compile=True, dtype=None, int8=True, channels_last=True, fold_bn=True)"
+    assert "no native bf16" in reason
     # Inductor needs a C++ compiler on the CPU: without one, auto stays eager (a real lookup).
     monkeypatch.setenv("CXX", "no-such-c++-compiler")
     path, reason = choose_path("cpu")
@@ -223,11 +233,6 @@ def test_warmup_accepts_shapes(model):
         runner.warmup((SIZE,))
 
 
-def test_int8_needs_calibration(model):
-    with pytest.raises(ValueError, match="calibration"):
-        optimize_for_inference(model, path="int8")
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
 def test_cuda_paths(model, inputs, reference, dtype):
@@ -254,9 +259,7 @@ def test_compiled_runner_matches_eager(model, inputs, reference):
 
 
 @pytest.mark.slow
-def test_compile_failure_falls_back_to_eager(
-    model, inputs, reference, tmp_path, monkeypatch, caplog
-):
+def test_compile_failure_falls_back_to_eager(model, inputs, reference, tmp_path, monkeypatch, caplog):
     # A real failure, not a simulated one: point inductor at a C++ compiler that does not exist,
     # with empty caches so no earlier build can be reused.
     import torch._inductor.config as inductor_config
@@ -266,9 +269,7 @@ def test_compile_failure_falls_back_to_eager(
     runner = optimize_for_inference(model, path="compile")
     image, mask = inputs[0][:1], inputs[1][:1]  # a shape no other test compiled
     with (
-        inductor_config.patch(
-            {"cpp.cxx": (str(tmp_path / "no-such-c++"),), "fx_graph_cache": False}
-        ),
+        inductor_config.patch({"cpp.cxx": (str(tmp_path / "no-such-c++"),), "fx_graph_cache": False}),
         caplog.at_level(logging.WARNING, logger="dfnet.accelerate"),
     ):
         out = runner(image, mask)
@@ -280,9 +281,10 @@ def test_compile_failure_falls_back_to_eager(
 
 
 @pytest.mark.slow
-def test_int8_path_quantises_and_stays_close_on_photos(tmp_path, monkeypatch):
-    """The shipped model, int8-calibrated on two sample photos, completes a third: the graph
-    really holds quantised ops, and the completion stays within a few levels of fp32's."""
+def test_int8_path_quantises_every_conv_and_stays_close_on_photos(tmp_path, monkeypatch):
+    """The shipped model on the int8 path, calibrated by default on the bundled photos, completes a
+    photo: every convolution the graph keeps runs on quantised input and weights, and the
+    completion stays within a few levels of fp32's."""
     from PIL import Image
 
     from dfnet.data import sample_photos
@@ -291,17 +293,42 @@ def test_int8_path_quantises_and_stays_close_on_photos(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     torch._dynamo.reset()
     model = DFNet.from_pretrained("pretrained")
-    photos = []
-    for path in list(sample_photos().values())[:3]:
-        photo = Image.open(path).convert("RGB").resize((128, 128))
-        photos.append(torch.from_numpy(np.asarray(photo).copy()).permute(2, 0, 1)[None].float() / 255)
-    masks = torch.from_numpy(evaluation_masks(1, 128, 128, seed=0)[3]).float()[:, None]
-    runner = optimize_for_inference(model, path="int8", calibration=[(p, masks) for p in photos[:2]])
+    path = sorted(sample_photos().values())[-1]  # default_calibration takes the first ones
+    photo = Image.open(path).convert("RGB").resize((128, 128))
+    image = torch.from_numpy(np.asarray(photo).copy()).permute(2, 0, 1)[None].float() / 255
+    mask = torch.from_numpy(evaluation_masks(1, 128, 128, seed=0)[3]).float()[:, None]
+    runner = optimize_for_inference(model, path="int8")
     graph = runner._network._orig_mod.graph  # the quantised GraphModule under torch.compile
-    assert any("quantize_per_tensor" in str(node.target) for node in graph.nodes)
-    out, reference = runner(photos[2], masks), model.complete(photos[2], masks)
-    hole = masks.expand_as(out) == 0
+    convs = [node for node in graph.nodes if node.target == torch.ops.aten.conv2d.default]
+    assert len(convs) >= model.config.levels * 2  # every encoder and decoder conv at least
+    for conv in convs:
+        data, weight = conv.args[:2]
+        assert data.target == torch.ops.quantized_decomposed.dequantize_per_tensor.default, conv.name
+        assert weight.target == torch.ops.quantized_decomposed.dequantize_per_channel.default, conv.name
+    out, reference = runner(image, mask), model.complete(image, mask)
+    hole = mask.expand_as(out) == 0
     assert 0 < (out - reference)[hole].abs().mean().item() < 2 / 255
+
+
+def test_default_calibration_is_photos_with_holes():
+    pairs = default_calibration(size=64, count=3)
+    assert len(pairs) == 3
+    for image, mask in pairs:
+        assert image.shape == (1, 3, 64, 64) and mask.shape == (1, 1, 64, 64)
+        assert image.min() >= 0.0 and image.max() <= 1.0 and image.std() > 0.05  # a photo, not flat
+        assert set(mask.unique().tolist()) == {0.0, 1.0}
+    holes = [1 - mask.mean().item() for _, mask in pairs]
+    assert len(set(holes)) == 3  # one hole-size bin each
+
+
+def test_int8_range_follows_the_cpu_and_its_isa_cap():
+    """Full 8-bit activations only where oneDNN has VNNI: not on this CPU capped to AVX2."""
+    check = "import torch; from dfnet.accelerate import native_int8; print(native_int8())"
+    native = torch.cpu._is_vnni_supported() and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    assert native_int8() == native
+    capped = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", check], env=capped, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_compile_cache_survives_restarts_unless_the_user_chose_one(tmp_path, monkeypatch):

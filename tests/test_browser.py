@@ -63,9 +63,7 @@ def page_url(ray_local, free_loopback_port, tmp_path_factory: pytest.TempPathFac
     serve.shutdown()
 
 
-def test_draw_submit_and_get_the_completed_image(
-    page_url: str, artifacts_dir: Path, tmp_path: Path
-) -> None:
+def test_draw_submit_and_get_the_completed_image(page_url: str, artifacts_dir: Path, tmp_path: Path) -> None:
     sync_api = pytest.importorskip("playwright.sync_api")
     rng = np.random.default_rng(0)
     photo = tmp_path / "photo.png"
@@ -73,9 +71,7 @@ def test_draw_submit_and_get_the_completed_image(
     Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(photo)
 
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1000, "height": 800})
             page_errors: list[str] = []
@@ -101,13 +97,9 @@ def test_draw_submit_and_get_the_completed_image(
             response = answer.value
             assert response.status == 200 and response.headers["content-type"] == "image/png"
 
-            sync_api.expect(page.locator('#result[data-status="done"]')).to_be_attached(
-                timeout=60_000
-            )
+            sync_api.expect(page.locator('#result[data-status="done"]')).to_be_attached(timeout=60_000)
             sync_api.expect(page.locator("#error")).to_have_text("")
-            natural = page.eval_on_selector(
-                "#result", "img => [img.naturalWidth, img.naturalHeight]"
-            )
+            natural = page.eval_on_selector("#result", "img => [img.naturalWidth, img.naturalHeight]")
             assert natural == [width, height]
             # The bytes the page shows (its blob URL), read back through the page itself.
             data_url = page.evaluate(

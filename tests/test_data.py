@@ -115,13 +115,9 @@ def test_split_of_is_deterministic_across_processes():
     keys = [f"photos/{i:04d}.jpg" for i in range(50)]
     here = [data.split_of(k, 0.2, 0.2) for k in keys]
     assert here == [data.split_of(k, 0.2, 0.2) for k in keys]
-    code = (
-        f"from dfnet.data import split_of\nprint(','.join(split_of(k, 0.2, 0.2) for k in {keys!r}))"
-    )
+    code = f"from dfnet.data import split_of\nprint(','.join(split_of(k, 0.2, 0.2) for k in {keys!r}))"
     env = dict(os.environ, PYTHONHASHSEED="12345")  # Python's own hash() would change
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip().split(",") == here
 
 

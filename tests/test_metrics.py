@@ -254,9 +254,7 @@ def test_fid_from_features() -> None:
         Mt.fid_from_features(features[:1], features)
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("pytorch_fid") is not None, reason="pytorch-fid is installed"
-)
+@pytest.mark.skipif(importlib.util.find_spec("pytorch_fid") is not None, reason="pytorch-fid is installed")
 def test_fid_unavailable_without_pytorch_fid() -> None:
     images = torch.rand(2, 3, 32, 32)
     result = Mt.fid(images, images.clone())

@@ -67,9 +67,7 @@ class Repo:
 
     def run(self, *args: str, timeout: float = 600) -> str:
         """Run a command in the copy; fails the test with its output when it fails."""
-        done = subprocess.run(
-            args, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout
-        )
+        done = subprocess.run(args, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout)
         output = done.stdout + done.stderr
         assert done.returncode == 0, f"{' '.join(args)} failed ({done.returncode}):\n{output[-6000:]}"
         return output

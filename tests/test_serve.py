@@ -491,7 +491,6 @@ def test_shipped_config_yaml_is_valid() -> None:
         ({"sourc": "x"}, "sourc"),
         ({"max_pixels": 0}, "max_pixels"),
         ({"inference": "int4"}, "inference"),
-        ({"inference": "int8"}, "inference"),
         ({"forward_pixels": 0}, "forward_pixels"),
         ({"batch_wait_timeout_s": -1}, "batch_wait_timeout_s"),
     ],

@@ -109,9 +109,7 @@ def mlflow_run(params: Params) -> Any:
     client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name(params.mlflow.experiment)
     assert experiment is not None
-    runs = client.search_runs(
-        [experiment.experiment_id], filter_string=f"params.ray_run = '{run_identity(params)}'"
-    )
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"params.ray_run = '{run_identity(params)}'")
     assert len(runs) == 1, f"expected one MLflow run for {run_identity(params)}, got {len(runs)}"
     return runs[0]
 

@@ -32,9 +32,7 @@ def _photos(count: int, seed: int = 0) -> list[np.ndarray]:
     """Photos that are told apart by colour: each a flat colour plus a little noise."""
     rng = np.random.default_rng(seed)
     colours = rng.integers(0, 256, (count, 3))
-    return [
-        np.clip(c + rng.normal(0, 4, (96, 128, 3)), 0, 255).astype(np.uint8) for c in colours
-    ]
+    return [np.clip(c + rng.normal(0, 4, (96, 128, 3)), 0, 255).astype(np.uint8) for c in colours]
 
 
 def _params(root: Path, **train: object) -> Params:
@@ -44,8 +42,14 @@ def _params(root: Path, **train: object) -> Params:
             "masks": {"out": str(root / "masks.npz")},
             "model": {"prefill": "none"},  # the paper's network, trained from scratch
             "loss": {"p": 4, "q": 2, "texture_fallback": "off"},
-            "train": {"batch_size": 8, "crops_per_photo": 2, "epochs": 1, "val_max_photos": 2, "init_from": None,
-                      **train},
+            "train": {
+                "batch_size": 8,
+                "crops_per_photo": 2,
+                "epochs": 1,
+                "val_max_photos": 2,
+                "init_from": None,
+                **train,
+            },
             "evaluate": {"grid_rows": 2},
         }
     )
