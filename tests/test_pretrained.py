@@ -53,6 +53,20 @@ def test_classical_prefill_keeps_known_pixels_and_fills_holes() -> None:
     assert hole.min() > 0.2 and hole.max() < 0.8  # the mean of uniform noise, not zeros
 
 
+def test_a_batch_prefill_is_each_image_filled_on_its_own() -> None:
+    """The batch is spread over threads; every image still gets its own fill, in order."""
+    rng = np.random.default_rng(1)
+    images = [cv2.GaussianBlur(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8), (9, 9), 3) for _ in range(5)]
+    holes = [np.roll(_stroke_hole(64, 96), 7 * i, axis=1) for i in range(5)]
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+    mask = 1 - torch.from_numpy(np.stack(holes)).float()[:, None]
+    assert torch.get_num_threads() > 1 or pytest.skip("one CPU thread: nothing runs in parallel")
+    filled = classical_prefill(batch, mask, "ns")
+    for i in range(5):
+        alone = torch.from_numpy(cv2.inpaint(images[i], holes[i], 3, cv2.INPAINT_NS)).permute(2, 0, 1).float() / 255
+        assert torch.equal(filled[i] * (1 - mask[i]), alone * (1 - mask[i])), i
+
+
 # ------------------------------------------------------------------------------ the shipped model
 @pytest.fixture(scope="module")
 def shipped() -> Inpainter:
