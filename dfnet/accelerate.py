@@ -8,12 +8,13 @@ conv before it and uses channels_last; then
 * ``compile-bf16``  the same under bf16 autocast: fast only where bf16 is native
                     (AVX512-BF16 / AMX CPUs, recent GPUs); emulated elsewhere, and slower than fp32
 * ``int8``          post-training static quantisation (PT2E, the x86 inductor quantiser), calibrated
-                    on photos the caller passes; opt-in, never chosen automatically
+                    on photos the caller passes or, by default, on bundled sample photos
 
 ``path="auto"`` (the default) chooses from what it detects, and logs the choice and why:
-``compile-bf16`` with native bf16, else ``compile``, and ``eager`` when no C++ compiler is
-installed (inductor needs one on the CPU). The classical pre-fill (OpenCV) always runs eagerly
-before the network: only `DFNet.forward_filled` is compiled or quantised.
+``compile-bf16`` with native bf16, else ``int8`` (x86 with torchao installed), else ``compile``,
+and ``eager`` when no C++ compiler is installed (inductor needs one on the CPU). The classical
+pre-fill (OpenCV) always runs eagerly before the network: only `DFNet.forward_filled` is compiled
+or quantised.
 
 The caller's model is never touched: the runner works on a deep copy. What each path costs and
 how far it moves the output are measured by ``bench/inference.py`` (docs/performance.md).
