@@ -26,7 +26,7 @@ from dfnet.accelerate import (
     optimize_for_inference,
     persistent_compile_cache,
 )
-from dfnet.model import Conv2dSame, DFNet, build_model, upsample_and_concat
+from dfnet.model import Conv2dSame, DecoderBlock, DFNet, build_model, subpixel_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64  # the small preset's size multiple
@@ -117,10 +117,10 @@ def test_plain_path_is_the_eager_model(model, inputs, reference):
 
 
 def test_eager_changes_keep_the_numbers():
-    """Convs with a symmetric "same" pad let nn.Conv2d pad, and decoder blocks write upsample and
-    concat in one pass; bench/inference.py's `before` path (explicit F.pad everywhere, upsample
-    then cat) computes the same sums over the same values, at both presets. oneDNN picks its
-    kernel by input layout, so a few shapes differ in the last bit."""
+    """Convs with a symmetric "same" pad let nn.Conv2d pad, and decoder blocks run their upsampled
+    half at low resolution; bench/inference.py's `before` path (explicit F.pad everywhere,
+    upsample then cat then conv) computes the same function at both presets, to float32 rounding
+    (the sub-pixel kernels sum the 3×3 taps in another order)."""
     spec = importlib.util.spec_from_file_location("bench_inference", ROOT / "bench" / "inference.py")
     bench = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(ROOT / "bench"))  # the script imports its sibling bench/quality.py
@@ -145,20 +145,35 @@ def test_eager_changes_keep_the_numbers():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_upsample_and_concat_is_upsample_then_cat(channels_last):
-    """Exactly the two-pass result, in the input's memory format, with gradients to both inputs."""
-    x = torch.randn(2, 5, 3, 4, requires_grad=True)
-    skip = torch.randn(2, 2, 6, 8, requires_grad=True)
+def test_decoder_block_is_upsample_cat_conv(channels_last):
+    """The sub-pixel forward computes the paper's upsample → concat → 3×3 conv (and its gradients,
+    to the inputs and the checkpoint-layout weights), in the input's memory format."""
+    torch.manual_seed(0)
+    block = DecoderBlock(5, 2, 3).double().eval()
+    nn.init.normal_(block.norm.running_mean)
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
+    skip = torch.randn(2, 2, 6, 8, dtype=torch.float64, requires_grad=True)
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    xl, skipl = x.contiguous(memory_format=layout), skip.contiguous(memory_format=layout)
-    ours = upsample_and_concat(xl, skipl)
-    reference = torch.cat([torch.nn.functional.interpolate(x, scale_factor=2.0), skip], dim=1)
-    assert torch.equal(ours, reference)
+    ours = block(x.contiguous(memory_format=layout), skip.contiguous(memory_format=layout))
+    upsampled = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+    reference = block.act(block.norm(block.conv(torch.cat([upsampled, skip], dim=1))))
+    assert torch.allclose(ours, reference, atol=1e-12, rtol=0)
     assert ours.is_contiguous(memory_format=layout)
     weights = torch.randn_like(reference)
-    (ours_x, ours_skip) = torch.autograd.grad((ours * weights).sum(), (x, skip))
-    (ref_x, ref_skip) = torch.autograd.grad((reference * weights).sum(), (x, skip))
-    assert torch.allclose(ours_x, ref_x) and torch.equal(ours_skip, ref_skip)
+    wrt = (x, skip, block.conv.weight, block.conv.bias)
+    ours_grads = torch.autograd.grad((ours * weights).sum(), wrt)
+    for a, b in zip(ours_grads, torch.autograd.grad((reference * weights).sum(), wrt), strict=True):
+        assert torch.allclose(a, b, atol=1e-12, rtol=0)
+
+
+def test_subpixel_kernels_reproduce_a_3x3_conv_of_the_upsample():
+    """Each output phase (a, b) of conv3x3(up(x)) is phase kernel (a, b) at offset (a, b)."""
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    x = torch.randn(1, 3, 5, 6, dtype=torch.float64)
+    full = torch.nn.functional.conv2d(torch.nn.functional.interpolate(x, scale_factor=2.0), weight, padding=1)
+    phases = torch.nn.functional.conv2d(x, subpixel_kernels(weight), padding=1)
+    for k, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+        assert torch.allclose(full[:, :, a::2, b::2], phases[:, 4 * k : 4 * k + 4, a : a + 5, b : b + 6], atol=1e-12)
 
 
 def test_eager_path_folds_uses_channels_last_and_copies(model, inputs, reference):
