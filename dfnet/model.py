@@ -180,7 +180,14 @@ class DecoderBlock(nn.Module):
         up = x.shape[1]
         weight = self.conv.weight
         out = F.conv2d(skip, weight[:, up:], self.conv.bias, padding=1)  # the skip part, full resolution
-        phases = F.conv2d(x, subpixel_kernels(weight[:, :up]), padding=1)  # (h + 1) × (w + 1)
+        pad = 1
+        if x.shape[-2:] == (1, 1):
+            # A 1×1 map (the bottleneck at the smallest input size) is NCHW and channels_last at
+            # once by its strides; inductor and oneDNN then disagree on the layout of the conv's
+            # output, and a recompiled (dynamic-shape) graph fails its stride checks. A padded
+            # 3×3 copy has one layout (and costs nothing at this size).
+            x, pad = F.pad(x, (1, 1, 1, 1)), 0
+        phases = F.conv2d(x, subpixel_kernels(weight[:, :up]), padding=pad)  # (h + 1) × (w + 1)
         return self.act(self.norm(add_phases(out, phases)))
 
 
