@@ -269,11 +269,10 @@ def test_compiled_runner_matches_eager(model, inputs, reference):
     runner.warmup(inputs[0].shape)
     out = runner(*inputs)
     assert runner.compiled, "compilation fell back to eager on a machine with a C++ compiler"
-    # A new batch and a new size recompile with dynamic shapes (as Serve's warm-up does); the
-    # 1×1 bottleneck once made that recompile fail its stride checks and fall back to eager.
-    for shape in [(2, SIZE, SIZE), (1, 2 * SIZE, 2 * SIZE)]:
-        runner.warmup(shape)
-        assert runner.compiled, f"recompiling for {shape} fell back to eager"
+    # A new batch recompiles with a dynamic batch (as Serve's warm-up does); the 1×1 bottleneck
+    # once made that recompile fail its stride checks and fall back to eager.
+    runner.warmup((2, SIZE, SIZE))
+    assert runner.compiled, "recompiling for batch 2 fell back to eager"
     assert inductor_config.freezing == freezing_before  # freezing is switched on only per call
     assert (out - reference).abs().max().item() < 1e-4
 
