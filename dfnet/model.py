@@ -217,11 +217,9 @@ def add_phases(out: Tensor, phases: Tensor) -> Tensor:
     n, c, height, width = out.shape
     h, w = height // 2, width // 2
     if not out.is_contiguous() and out.is_contiguous(memory_format=torch.channels_last):
-        grid = out.permute(0, 2, 3, 1).view(n, h, 2, w, 2, c)  # N, H, 2, W, 2, C
-        for k, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
-            grid[:, :, a, :, b] += phases[:, k * c : (k + 1) * c, a : a + h, b : b + w].permute(0, 2, 3, 1)
-        return out
-    grid = out.view(n, c, h, 2, w, 2)  # N, C, H, 2, W, 2
+        grid = out.permute(0, 2, 3, 1).view(n, h, 2, w, 2, c).permute(0, 5, 1, 2, 3, 4)  # N, C, H, 2, W, 2
+    else:
+        grid = out.view(n, c, h, 2, w, 2)
     for k, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
         grid[:, :, :, a, :, b] += phases[:, k * c : (k + 1) * c, a : a + h, b : b + w]
     return out
