@@ -1,7 +1,7 @@
 """Inference speed and fidelity of DFNet along each path of `dfnet.accelerate`, on this machine.
 
     python bench/inference.py [--models official shipped] [--sizes 512] [--batches 1]
-                              [--paths before fp32 eager compile compile-bf16 int8]
+                              [--paths before fp32 eager compile compile-bf16 int8 int8-bf16]
                               [--photos 8] [--device cpu|cuda] [--doc docs/performance.md]
 
 For each model and (size, batch), every path is built and warmed up (compiled paths compile
@@ -17,8 +17,8 @@ the largest pixel difference from fp32's output.
 Paths: `before` is the eager model as issue 11 found it (an explicit `F.pad` before every conv,
 and each decoder block upsampling, then copying the upsampled tensor again into the concat): the
 baseline the eager changes are judged by; `fp32` the eager model as it is (`DFNet.complete`);
-`eager` adds BatchNorm folding and channels_last; `compile`, `compile-bf16` and `int8` are
-dfnet.accelerate's paths (int8 calibrated on training photos, never test ones). The path that
+`eager` adds BatchNorm folding and channels_last; `compile`, `compile-bf16`, `int8` and
+`int8-bf16` are dfnet.accelerate's paths (int8 calibrated on training photos, never test ones). The path that
 `optimize_for_inference(model)` picks here is marked "auto".
 
 Models: `official` is the paper's architecture with random weights whose BatchNorm statistics
@@ -275,7 +275,7 @@ def goal_lines(records: list[dict[str, Any]]) -> list[str]:
                 line += f", the `eager` path (BN folded, channels_last) {r['ms'] / eager[r['model']]:.2f}×"
             lines.append(line)
         if r["auto"]:
-            goal = 3.0 if r["path"] == "compile-bf16" else 2.0
+            goal = 3.0 if BENCH_PATHS[r["path"]].dtype == torch.bfloat16 else 2.0  # native bf16 or not
             quality_ok = abs(r.get("l1_rel", 0)) <= 0.01 and abs(r.get("bpe_rel", 0)) <= 0.01
             lines.append(
                 f"- {r['model']}: auto path `{r['path']}` (goal ≥ {goal:.0f}×, quality within 1 %): "
@@ -288,10 +288,10 @@ def goal_lines(records: list[dict[str, Any]]) -> list[str]:
                     f"  - of which OpenCV's pre-fill, eager on every path: {r['prefill_ms']:.1f} ms; the network "
                     f"alone: {(fp32 - r['prefill_ms']) / (r['ms'] - r['prefill_ms']):.2f}× eager fp32"
                 )
-        if r["path"] == "int8":
+        if BENCH_PATHS[r["path"]].int8:
             quality_ok = abs(r.get("l1_rel", 0)) <= 0.03
             lines.append(
-                f"- {r['model']}: int8 (goal ≥ 5×, hole ℓ1 within 3 %): {versus(r, 5.0, quality_ok)}; "
+                f"- {r['model']}: {r['path']} (goal ≥ 5×, hole ℓ1 within 3 %): {versus(r, 5.0, quality_ok)}; "
                 f"hole ℓ1 {r.get('l1_rel', float('nan')):+.2%}"
             )
     return lines

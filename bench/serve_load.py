@@ -20,8 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import re
 import socket
 import tempfile
 import time
@@ -34,6 +32,7 @@ import httpx
 import numpy as np
 import torch
 from PIL import Image
+from quality import cpu_name  # a sibling script in bench/
 
 from dfnet.images import encode_png
 from dfnet.inpaint import Inpainter
@@ -172,12 +171,6 @@ def bench_preset(preset: str, model_dir: str, args: argparse.Namespace, base_url
         "mean_batch": sum(k * v for k, v in sizes.items()) / max(1, sum(sizes.values())),
         "statuses": dict(sum((r["statuses"] for r in served_runs), Counter())),
     }
-
-
-def cpu_name() -> str:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    match = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
-    return match.group(1).strip() if match else platform.processor() or platform.machine()
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -9,6 +9,9 @@ conv before it and uses channels_last; then
                     (AVX512-BF16 / AMX CPUs, recent GPUs); emulated elsewhere, and slower than fp32
 * ``int8``          post-training static quantisation (PT2E, the x86 inductor quantiser), calibrated
                     on photos the caller passes or, by default, on bundled sample photos
+* ``int8-bf16``     the same int8 convolutions with everything between them (fusion and blend
+                    blocks, upsampling, activations) in bf16: the fastest for the official preset
+                    where bf16 is native (opt-in, like ``int8`` there)
 
 ``path="auto"`` (the default) chooses from what it detects, and logs the choice and why:
 ``compile-bf16`` with native bf16, else ``int8`` (x86 with torchao installed), else ``compile``,
@@ -29,7 +32,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +79,7 @@ INFERENCE_PATHS: dict[str, InferencePath] = {
         InferencePath("compile", compile=True),
         InferencePath("compile-bf16", compile=True, dtype=torch.bfloat16),
         InferencePath("int8", compile=True, int8=True),
+        InferencePath("int8-bf16", compile=True, dtype=torch.bfloat16, int8=True),
     )
 }
 
@@ -188,7 +192,9 @@ def choose_path(device: str | torch.device = "cpu") -> tuple[InferencePath, str]
 
     GPU: bf16 where supported, else fp32, compiled. CPU: bf16 where native (AVX512-BF16, AMX);
     otherwise int8 when torchao is installed (validated within 1 % of fp32 on held-out photos,
-    docs/performance.md), else compiled fp32; eager when inductor has no C++ compiler.
+    docs/performance.md), else compiled fp32; eager when inductor has no C++ compiler. Where bf16
+    is native, `int8-bf16` is faster still for large networks (the official preset) but is not
+    chosen: exporting and calibrating add about 15 s to every start, for no gain on small ones.
     """
     device = torch.device(device)
     if device.type == "cpu" and shutil.which(os.environ.get("CXX", "c++")) is None:
@@ -222,18 +228,38 @@ def persistent_compile_cache() -> Path:
 # --------------------------------------------------------------------------- the runner
 class _Finest(nn.Module):
     """The network proper, returning only the finest result (the coarser ones are then dead code
-    to a compiler), under autocast when the path asks for it."""
+    to a compiler)."""
 
-    def __init__(self, model: DFNet, dtype: torch.dtype | None):
+    def __init__(self, model: DFNet):
         super().__init__()
         self.model = model
+
+    def forward(self, input_image: Tensor, mask: Tensor) -> Tensor:
+        return self.model.forward_filled(input_image, mask).results[0]
+
+
+class _Autocast(nn.Module):
+    """`network` run under autocast to `dtype`, returning float32. It wraps the network from
+    outside so that the int8 path quantises an fp32 graph (torch.export would keep an autocast
+    region inside as an opaque wrapper) and bf16 then covers what runs between the int8 convs."""
+
+    def __init__(self, network: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.network = network
         self.dtype = dtype
 
     def forward(self, input_image: Tensor, mask: Tensor) -> Tensor:
-        if self.dtype is None:  # no autocast region at all: torch.export would keep it as a wrapper
-            return self.model.forward_filled(input_image, mask).results[0]
         with torch.autocast(input_image.device.type, dtype=self.dtype):
-            return self.model.forward_filled(input_image, mask).results[0].float()
+            return self.network(input_image, mask).float()
+
+
+def _network(model: DFNet, path: InferencePath, calibration: Sequence[tuple[Tensor, Tensor]] = ()) -> nn.Module:
+    """What the path runs on the filled image and mask: the finest result, quantised when the
+    path is int8 (on the calibration inputs), under autocast when it has a dtype."""
+    network: nn.Module = _Finest(model)
+    if path.int8:
+        network = _quantize_int8(network, calibration)
+    return network if path.dtype is None else _Autocast(network, path.dtype)
 
 
 class InferenceRunner:
@@ -250,7 +276,7 @@ class InferenceRunner:
         self.path = path
         self.reason = reason
         self.compiled = path.compile
-        self._eager: Network = _Finest(model, path.dtype)
+        self._eager: Network = _network(model, replace(path, int8=False))
         self._network = network
 
     def __repr__(self) -> str:
@@ -413,13 +439,12 @@ def optimize_for_inference(
     prepared.requires_grad_(False).to(device)
     if chosen.channels_last:
         prepared.to(memory_format=torch.channels_last)
-    network: nn.Module = _Finest(prepared, chosen.dtype)
+    inputs = []
     if chosen.int8:
-        inputs = []
         for image, mask in calibration or default_calibration():
             image, mask = _placed(image, device, chosen), _placed(mask, device, chosen)
             inputs.append((_placed(prepared.fill_holes(image, mask), device, chosen), mask))
-        network = _quantize_int8(network, inputs)
+    network = _network(prepared, chosen, inputs)
     if chosen.compile:
         persistent_compile_cache()
         network = torch.compile(network)

@@ -300,10 +300,10 @@ def test_compile_failure_falls_back_to_eager(model, inputs, reference, tmp_path,
 
 
 @pytest.mark.slow
-def test_int8_path_quantises_every_conv_and_stays_close_on_photos(tmp_path, monkeypatch):
-    """The shipped model on the int8 path, calibrated by default on the bundled photos, completes a
+def test_int8_paths_quantise_every_conv_and_stay_close_on_photos(tmp_path, monkeypatch):
+    """The shipped model on the int8 paths, calibrated by default on the bundled photos, completes a
     photo: every convolution the graph keeps runs on quantised input and weights, and the
-    completion stays within a few levels of fp32's."""
+    completion stays within a few levels of fp32's; int8-bf16 really runs bf16 between them."""
     from PIL import Image
 
     from dfnet.data import sample_photos
@@ -316,17 +316,23 @@ def test_int8_path_quantises_every_conv_and_stays_close_on_photos(tmp_path, monk
     photo = Image.open(path).convert("RGB").resize((128, 128))
     image = torch.from_numpy(np.asarray(photo).copy()).permute(2, 0, 1)[None].float() / 255
     mask = torch.from_numpy(evaluation_masks(1, 128, 128, seed=0)[3]).float()[:, None]
-    runner = optimize_for_inference(model, path="int8")
-    graph = runner._network._orig_mod.graph  # the quantised GraphModule under torch.compile
-    convs = [node for node in graph.nodes if node.target == torch.ops.aten.conv2d.default]
-    assert len(convs) >= model.config.levels * 2  # every encoder and decoder conv at least
-    for conv in convs:
-        data, weight = conv.args[:2]
-        assert data.target == torch.ops.quantized_decomposed.dequantize_per_tensor.default, conv.name
-        assert weight.target == torch.ops.quantized_decomposed.dequantize_per_channel.default, conv.name
-    out, reference = runner(image, mask), model.complete(image, mask)
-    hole = mask.expand_as(out) == 0
-    assert 0 < (out - reference)[hole].abs().mean().item() < 2 / 255
+    reference = model.complete(image, mask)
+    hole = mask.expand_as(reference) == 0
+    outputs = {}
+    for name in ("int8", "int8-bf16"):
+        runner = optimize_for_inference(model, path=name)
+        compiled = runner._network._orig_mod  # what torch.compile wraps
+        graph = next(m for m in compiled.modules() if isinstance(m, torch.fx.GraphModule)).graph  # the quantised one
+        convs = [node for node in graph.nodes if node.target == torch.ops.aten.conv2d.default]
+        assert len(convs) >= model.config.levels * 2  # every encoder and decoder conv at least
+        for conv in convs:
+            data, weight = conv.args[:2]
+            assert data.target == torch.ops.quantized_decomposed.dequantize_per_tensor.default, conv.name
+            assert weight.target == torch.ops.quantized_decomposed.dequantize_per_channel.default, conv.name
+        outputs[name] = runner(image, mask)
+        assert outputs[name].dtype == torch.float32 and runner.compiled
+        assert 0 < (outputs[name] - reference)[hole].abs().mean().item() < 2 / 255
+    assert not torch.equal(outputs["int8"], outputs["int8-bf16"])  # the same int8 graph, bf16 in between
 
 
 def test_default_calibration_is_photos_with_holes():
