@@ -15,11 +15,12 @@ is: hole ℓ1 and BPE (in % of 8-bit, on uint8 outputs), their relative differen
 the largest pixel difference from fp32's output.
 
 Paths: `before` is the eager model as issue 11 found it (an explicit `F.pad` before every conv,
-and each decoder block upsampling, then copying the upsampled tensor again into the concat): the
-baseline the eager changes are judged by; `fp32` the eager model as it is (`DFNet.complete`);
-`eager` adds BatchNorm folding and channels_last; `compile`, `compile-bf16`, `int8` and
-`int8-bf16` are dfnet.accelerate's paths (int8 calibrated on training photos, never test ones). The path that
-`optimize_for_inference(model)` picks here is marked "auto".
+each decoder block upsampling, then copying the upsampled tensor again into the concat, and the
+shipped model's pre-fill at radius 3): the baseline the eager changes are judged by; `fp32` the
+eager model as it is (`DFNet.complete`); `eager` adds BatchNorm folding and channels_last;
+`compile`, `compile-bf16`, `int8` and `int8-bf16` are dfnet.accelerate's paths (int8 calibrated on
+training photos, never test ones). The path that `optimize_for_inference(model)` picks here is
+marked "auto".
 
 Models: `official` is the paper's architecture with random weights whose BatchNorm statistics
 come from real photos (the layout of the authors' checkpoints: speed and numerical fidelity are
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import os
 import re
@@ -75,8 +77,10 @@ class TwoPassDecoderBlock(DecoderBlock):
 def as_before(model: DFNet) -> DFNet:
     """A copy of `model` that runs the eager forward as it was before issue 11: `F.pad` before
     every conv, even where nn.Conv2d's own symmetric padding gives the same numbers without
-    copying the input, and the two-pass upsample + concat in every decoder block."""
+    copying the input, the two-pass upsample + concat in every decoder block, and OpenCV's
+    pre-fill at radius 3 (the shipped model's then; it runs at 2 now)."""
     before = copy.deepcopy(model)
+    before.config = dataclasses.replace(model.config, prefill_radius=3)
     for module in before.modules():
         if isinstance(module, Conv2dSame) and module.same_pad is None:
             pad = module.padding[0]

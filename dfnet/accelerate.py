@@ -10,8 +10,7 @@ conv before it and uses channels_last; then
 * ``int8``          post-training static quantisation (PT2E, the x86 inductor quantiser), calibrated
                     on photos the caller passes or, by default, on bundled sample photos
 * ``int8-bf16``     the same int8 convolutions with everything between them (fusion and blend
-                    blocks, upsampling, activations) in bf16: the fastest for the official preset
-                    where bf16 is native (opt-in, like ``int8`` there)
+                    blocks, upsampling, activations) in bf16, for CPUs where bf16 is native
 
 ``path="auto"`` (the default) chooses from what it detects, and logs the choice and why:
 ``compile-bf16`` with native bf16, else ``int8`` (x86 with torchao installed), else ``compile``,
@@ -193,8 +192,9 @@ def choose_path(device: str | torch.device = "cpu") -> tuple[InferencePath, str]
     GPU: bf16 where supported, else fp32, compiled. CPU: bf16 where native (AVX512-BF16, AMX);
     otherwise int8 when torchao is installed (validated within 1 % of fp32 on held-out photos,
     docs/performance.md), else compiled fp32; eager when inductor has no C++ compiler. Where bf16
-    is native, `int8-bf16` is faster still for large networks (the official preset) but is not
-    chosen: exporting and calibrating add about 15 s to every start, for no gain on small ones.
+    is native, `int8` and `int8-bf16` are faster still for large networks (the official preset)
+    but are not chosen: exporting and calibrating add about 15 s to every start, and small
+    networks (the shipped model) gain little.
     """
     device = torch.device(device)
     if device.type == "cpu" and shutil.which(os.environ.get("CXX", "c++")) is None:

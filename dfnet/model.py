@@ -66,7 +66,9 @@ class DFNetConfig:
     # Holes pre-filled by a classical inpainting before the network sees them, and C_k a learned
     # correction of that fill ("none" = the paper: zero-filled holes, C_k from scratch).
     prefill: Prefill = "none"
-    prefill_radius: int = 3  # OpenCV's inpaint radius (3 and 5 score within 1 % on the corpus; 3 is faster)
+    # OpenCV's inpaint radius. The fill's time grows with it: 2 takes ~45 % less than 3, and the
+    # shipped model (trained with 3) scored the same or better with 2 on held-out photos.
+    prefill_radius: int = 2
 
     def __post_init__(self) -> None:
         if len(self.kernel_sizes) != self.levels:
@@ -258,8 +260,9 @@ class BlendBlock(nn.Module):
 
 
 @torch.no_grad()
-def classical_prefill(image: Tensor, mask: Tensor, method: Prefill, radius: int = 3) -> Tensor:
-    """`image` with its holes filled by OpenCV's inpainting (`method` "ns" or "telea"), per image.
+def classical_prefill(image: Tensor, mask: Tensor, method: Prefill, radius: int) -> Tensor:
+    """`image` with its holes filled by OpenCV's inpainting (`method` "ns" or "telea", at
+    `radius`), per image.
 
     OpenCV works on 8-bit pixels on the CPU, so the fill is quantised like a photo and computed
     there whatever the model's device; known pixels are returned unchanged (not quantised). One

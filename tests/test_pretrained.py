@@ -14,7 +14,7 @@ from PIL import Image
 from dfnet.accelerate import choose_path
 from dfnet.cli import main as cli_main
 from dfnet.inpaint import Inpainter
-from dfnet.model import DFNet, build_model, classical_prefill
+from dfnet.model import DFNet, DFNetConfig, build_model, classical_prefill
 from dfnet.params import load_params
 from dfnet.pretrained import pretrained_dir
 from dfnet.training import load_initial_weights
@@ -40,17 +40,19 @@ def test_an_untrained_prefill_model_returns_exactly_the_classical_fill(method: s
     inpainter = Inpainter(build_model("small", prefill=method))
     completed = np.asarray(inpainter.inpaint(image, hole * 255, mask_convention="hole-white"))
     flag = cv2.INPAINT_NS if method == "ns" else cv2.INPAINT_TELEA
-    np.testing.assert_array_equal(completed, cv2.inpaint(image, hole, 3, flag))
+    radius = inpainter.model.config.prefill_radius
+    np.testing.assert_array_equal(completed, cv2.inpaint(image, hole, radius, flag))
 
 
 def test_classical_prefill_keeps_known_pixels_and_fills_holes() -> None:
     image = torch.rand(2, 3, 32, 48)
     mask = torch.ones(2, 1, 32, 48)
     mask[:, :, 8:20, 10:30] = 0
-    filled = classical_prefill(image, mask, "ns")
+    filled = classical_prefill(image, mask, "ns", radius=2)
     assert torch.equal(filled * mask, image * mask)
     hole = filled[:, :, 8:20, 10:30]
-    assert hole.min() > 0.2 and hole.max() < 0.8  # the mean of uniform noise, not zeros
+    # Around the mean of the uniform noise it is filled from (not zeros), and smoother than it.
+    assert abs(hole.mean().item() - 0.5) < 0.05 and hole.std().item() < 0.5 * image.std().item()
 
 
 def test_a_batch_prefill_is_each_image_filled_on_its_own() -> None:
@@ -61,9 +63,11 @@ def test_a_batch_prefill_is_each_image_filled_on_its_own() -> None:
     batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
     mask = 1 - torch.from_numpy(np.stack(holes)).float()[:, None]
     assert torch.get_num_threads() > 1 or pytest.skip("one CPU thread: nothing runs in parallel")
-    filled = classical_prefill(batch, mask, "ns")
+    radius = DFNetConfig().prefill_radius
+    filled = classical_prefill(batch, mask, "ns", radius)
     for i in range(5):
-        alone = torch.from_numpy(cv2.inpaint(images[i], holes[i], 3, cv2.INPAINT_NS)).permute(2, 0, 1).float() / 255
+        alone = cv2.inpaint(images[i], holes[i], radius, cv2.INPAINT_NS)
+        alone = torch.from_numpy(alone).permute(2, 0, 1).float() / 255
         assert torch.equal(filled[i] * (1 - mask[i]), alone * (1 - mask[i])), i
 
 
@@ -121,9 +125,10 @@ def test_a_hole_across_a_seam_takes_each_sides_colour(shipped: Inpainter) -> Non
     completed = np.asarray(shipped.inpaint(image, hole.astype(np.uint8) * 255)).astype(int)
     for side, own, other in ((completed[96:160, 64:160], left, right), (completed[96:160, 224:320], right, left)):
         # 32 px and more from the seam every pixel is nearer its own side's colour than the other's,
-        # and on average close to it (Navier–Stokes, the pre-fill, smears a few px more than that).
+        # and on average close to it (Navier–Stokes, the pre-fill, smears a few px more than that:
+        # 9.0 levels on the right side at the pre-fill's radius 2, 5.7 at radius 3).
         assert (np.abs(side - own).sum(-1) < np.abs(side - other).sum(-1)).all()
-        assert np.abs(side - own).mean() <= 8, np.abs(side - own).mean()
+        assert np.abs(side - own).mean() <= 10, np.abs(side - own).mean()
 
 
 def test_cli_inpaints_with_the_shipped_model_on_the_fast_path_by_default(
