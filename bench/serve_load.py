@@ -1,19 +1,20 @@
 """Served throughput against the raw `Inpainter`, in one run, at the shipped and official presets.
 
-    python bench/serve_load.py [--presets shipped official] [--size 256] [--requests 64]
+    python bench/serve_load.py [--presets shipped official] [--sizes 256 512] [--requests 64]
                                [--clients 16] [--rounds 2] [--threads N] [--inference auto]
                                [--max-batch-size 8] [--batch-wait-s 0.02] [--json out.json]
                                [--doc docs/performance.md | --doc '']
 
-For each preset the raw `Inpainter` is loaded in this process by the very function a replica
-uses (`serve.app.load_inpainter`, same inference path, same warm-up shapes) and timed on arrays
-(no HTTP, no PNG): one image per call, and --max-batch-size images per call in forward passes
-sized as the server sizes them. The same model is then served by a Serve application on a local
-Ray and driven by --clients concurrent HTTP clients (PNG in, PNG out) until --requests answers
-have come back. Rounds alternate raw and served runs so that drift in a shared machine's load
-hits both alike; throughputs are medians over rounds, latencies pooled. `shipped` is the model
-in dfnet/pretrained (small + NS pre-fill); `official` has random weights (speed only).
-The results go to stdout and between the serve_load markers of --doc. No assertions.
+For each preset the raw `Inpainter` is loaded in this process by the very function a replica uses
+(`serve.app.load_inpainter`, same inference path, same warm-up shapes) and timed on arrays (no
+HTTP, no PNG): one image per call, and --max-batch-size images per call in forward passes sized as
+the server sizes them. The same model is then served by a Serve application on a local Ray and
+driven by --clients concurrent HTTP clients (PNG in, PNG out) until --requests answers have come
+back. Each preset is deployed once and measured at every --sizes side. Rounds alternate raw and
+served runs so that drift in a shared machine's load hits both alike; throughputs are medians over
+rounds, latencies pooled. `shipped` is the model in dfnet/pretrained (small + NS pre-fill);
+`official` has random weights (speed only). The results go to stdout and between the serve_load
+markers of --doc. No assertions.
 """
 
 import argparse
@@ -47,7 +48,7 @@ START, END = "<!-- serve_load:start -->", "<!-- serve_load:end -->"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["shipped", "official"], choices=["shipped", "official"])
-    parser.add_argument("--size", type=int, default=256, help="square image side")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="square image sides")
     parser.add_argument("--requests", type=int, default=64, help="answered requests per run")
     parser.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients")
     parser.add_argument("--rounds", type=int, default=2)
@@ -122,15 +123,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def bench_preset(preset: str, model_dir: str, args: argparse.Namespace, base_url: str) -> dict[str, Any]:
+def bench_preset(preset: str, model_dir: str, args: argparse.Namespace, base_url: str) -> list[dict[str, Any]]:
+    """One deployment of the preset, measured at each of --sizes."""
     from ray import serve
 
-    from serve.app import InpaintDeployment, images_per_pass, load_inpainter
+    from serve.app import InpaintDeployment, load_inpainter
 
     settings = ServeSettings(
         source=model_dir,
         inference=args.inference,
-        warmup_sizes=[args.size],
+        warmup_sizes=args.sizes,
         max_batch_size=args.max_batch_size,
         batch_wait_timeout_s=args.batch_wait_s,
     )
@@ -141,9 +143,20 @@ def bench_preset(preset: str, model_dir: str, args: argparse.Namespace, base_url
     url = f"{base_url}/{preset}"
     info = httpx.get(url + "/model", timeout=60).json()
     inpainter, _ = load_inpainter(settings)
-    items = workload(16, args.size)
+    results = [bench_size(size, inpainter, info, url, args) for size in args.sizes]
+    serve.delete(preset)
+    return results
+
+
+def bench_size(
+    size: int, inpainter: Inpainter, info: dict[str, Any], url: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Raw and served rounds, alternating, at size² images."""
+    from serve.app import images_per_pass
+
+    items = workload(16, size)
     bodies = [(encode_png(photo), encode_png(hole)) for photo, hole in items]
-    server_pass = images_per_pass(inpainter, (args.size,) * 2, "auto", info["forward_pixels"], args.max_batch_size)
+    server_pass = images_per_pass(inpainter, (size,) * 2, "auto", info["forward_pixels"], args.max_batch_size)
     # The raw runs use one dedicated thread, as the replica's model thread does (on this machine
     # torch ran measurably slower on the main thread of a process than on a worker thread).
     model_thread = ThreadPoolExecutor(max_workers=1)
@@ -154,13 +167,13 @@ def bench_preset(preset: str, model_dir: str, args: argparse.Namespace, base_url
     for _ in range(args.rounds):
         raw_runs.append(model_thread.submit(bench_raw, inpainter, items, args.requests, *batching).result())
         served_runs.append(asyncio.run(drive(url, bodies, args.requests, args.clients)))
-    serve.delete(preset)
     raw = {name: float(np.median([r[name] for r in raw_runs])) for name in raw_runs[0]}
     latencies = np.asarray([x for r in served_runs for x in r["latencies"]]) * 1000
     sizes = sum((r["batch_sizes"] for r in served_runs), Counter())
     served = float(np.median([r["throughput"] for r in served_runs]))
     return {
         "preset": info["preset"],
+        "size": size,
         "inference": info["inference"],
         "torch_threads": info["torch_threads"],
         "raw": raw,
@@ -179,7 +192,7 @@ def markdown(report: dict[str, Any]) -> str:
         "## Serve throughput (`bench/serve_load.py`)",
         "",
         f"{report['cpu']} ({report['cpus']} CPUs, {report['capability']}), torch {torch.__version__}; "
-        f"{c['size']}² images with one rectangular hole, {c['requests']} requests × {c['rounds']} rounds, "
+        f"square images with one rectangular hole, {c['requests']} requests × {c['rounds']} rounds per size, "
         f"{c['clients']} concurrent clients on the same machine, max_batch_size {c['max_batch_size']}, "
         f"batch wait {c['batch_wait_s']} s, inference `{c['inference']}`. Raw = the `Inpainter` in one process "
         "on arrays (best of 1 and max_batch_size images per call); served = HTTP + PNG through Serve. "
@@ -187,14 +200,14 @@ def markdown(report: dict[str, Any]) -> str:
         "the time per request that serving adds (HTTP, PNG, proxy, queueing; on this machine the load "
         "generator shares the CPUs too).",
         "",
-        "| preset | path | threads | raw img/s | served img/s | served / raw | overhead ms | p50 ms | p99 ms "
-        "| mean batch |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| preset | size | path | threads | raw img/s | served img/s | served / raw | overhead ms | p50 ms "
+        "| p99 ms | mean batch |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         raw = max(r["raw"].values())
         lines.append(
-            f"| {r['preset']} | {r['inference']} | {r['torch_threads']} | {raw:.1f} "
+            f"| {r['preset']} | {r['size']}² | {r['inference']} | {r['torch_threads']} | {raw:.1f} "
             f"| {r['served']:.1f} | {100 * r['ratio']:.0f} % | {1000 / r['served'] - 1000 / raw:.0f} "
             f"| {r['p50_ms']:.0f} | {r['p99_ms']:.0f} "
             f"| {r['mean_batch']:.2f} |"
@@ -231,9 +244,9 @@ def main(argv: list[str] | None = None) -> None:
                 if preset == "official":
                     torch.manual_seed(0)
                     model_dir = str(build_model("official").save_pretrained(Path(tmp) / "official"))
-                result = bench_preset(preset, model_dir, args, f"http://127.0.0.1:{port}")
-                report["results"].append(result)
-                print(json.dumps(result), flush=True)
+                for result in bench_preset(preset, model_dir, args, f"http://127.0.0.1:{port}"):
+                    report["results"].append(result)
+                    print(json.dumps(result), flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
