@@ -67,7 +67,8 @@ class DFNetConfig:
     # correction of that fill ("none" = the paper: zero-filled holes, C_k from scratch).
     prefill: Prefill = "none"
     # OpenCV's inpaint radius. The fill's time grows with it: 2 takes ~45 % less than 3, and the
-    # shipped model (trained with 3) scored the same or better with 2 on held-out photos.
+    # shipped model (trained with 3) scored the same or better hole ℓ1 and BPE with 2 on held-out
+    # photos (PSNR 0.02 dB lower).
     prefill_radius: int = 2
 
     def __post_init__(self) -> None:
