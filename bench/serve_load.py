@@ -1,6 +1,6 @@
 """Served throughput against the raw `Inpainter`, in one run, at the shipped and official presets.
 
-    python bench/serve_load.py [--presets shipped official] [--sizes 256 512] [--requests 64]
+    python bench/serve_load.py [--presets shipped official] [--sizes 256 512] [--requests 128]
                                [--clients 16] [--rounds 2] [--threads N] [--inference auto]
                                [--max-batch-size 8] [--batch-wait-s 0.02] [--json out.json]
                                [--doc docs/performance.md | --doc '']
@@ -10,7 +10,9 @@ For each preset the raw `Inpainter` is loaded in this process by the very functi
 HTTP, no PNG): one image per call, and --max-batch-size images per call in forward passes sized as
 the server sizes them. The same model is then served by a Serve application on a local Ray and
 driven by --clients concurrent HTTP clients (PNG in, PNG out) until --requests answers have come
-back. Each preset is deployed once and measured at every --sizes side. Rounds alternate raw and
+back; its throughput counts the steady state only, between the first and the last --clients
+answers (before and after, fewer requests are in flight than the clients keep up). Each preset is
+deployed once and measured at every --sizes side. Rounds alternate raw and
 served runs so that drift in a shared machine's load hits both alike; throughputs are medians over
 rounds, latencies pooled. `shipped` is the model in dfnet/pretrained (small + NS pre-fill);
 `official` has random weights (speed only). The results go to stdout and between the serve_load
@@ -49,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["shipped", "official"], choices=["shipped", "official"])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="square image sides")
-    parser.add_argument("--requests", type=int, default=64, help="answered requests per run")
+    parser.add_argument("--requests", type=int, default=128, help="answered requests per run")
     parser.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients")
     parser.add_argument("--rounds", type=int, default=2)
     # One CPU is left to Serve's proxy and the load generator, which share the machine.
@@ -94,6 +96,7 @@ def bench_raw(inpainter: Inpainter, items: list, requests: int, batch: int, serv
 async def drive(url: str, bodies: list[tuple[bytes, bytes]], requests: int, clients: int) -> dict[str, Any]:
     """`clients` concurrent loops posting until `requests` answers; latency of each."""
     latencies: list[float] = []
+    finished: list[float] = []
     batch_sizes: Counter[int] = Counter()
     statuses: Counter[int] = Counter()
     issued = 0
@@ -105,15 +108,17 @@ async def drive(url: str, bodies: list[tuple[bytes, bytes]], requests: int, clie
             issued += 1
             start = time.perf_counter()
             response = await http.post(url + "/inpaint", files={"image": image, "mask": mask})
-            latencies.append(time.perf_counter() - start)
+            finished.append(time.perf_counter())
+            latencies.append(finished[-1] - start)
             statuses[response.status_code] += 1
             batch_sizes[int(response.headers.get("x-batch-size", 0))] += 1
 
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients)) as http:
-        start = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
-        elapsed = time.perf_counter() - start
-    throughput = len(latencies) / elapsed
+    # Steady state only: while the first `clients` answers are on their way, and once the
+    # last requests have gone out, fewer than `clients` requests are in flight.
+    edge = min(clients, (len(finished) - 2) // 2)
+    throughput = (len(finished) - 1 - 2 * edge) / (finished[-1 - edge] - finished[edge])
     return {"throughput": throughput, "latencies": latencies, "batch_sizes": batch_sizes, "statuses": statuses}
 
 
@@ -195,8 +200,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"square images with one rectangular hole, {c['requests']} requests × {c['rounds']} rounds per size, "
         f"{c['clients']} concurrent clients on the same machine, max_batch_size {c['max_batch_size']}, "
         f"batch wait {c['batch_wait_s']} s, inference `{c['inference']}`. Raw = the `Inpainter` in one process "
-        "on arrays (best of 1 and max_batch_size images per call); served = HTTP + PNG through Serve. "
-        "Throughput: median of rounds; latency: all served requests pooled; overhead = 1/served − 1/raw, "
+        "on arrays (best of 1 and max_batch_size images per call); served = HTTP + PNG through Serve, "
+        "counted in the steady state (the first and last --clients answers, when fewer requests are in "
+        "flight, are left out). Throughput: median of rounds; latency: all served requests pooled; "
+        "overhead = 1/served − 1/raw, "
         "the time per request that serving adds (HTTP, PNG, proxy, queueing; on this machine the load "
         "generator shares the CPUs too).",
         "",

@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -268,34 +269,58 @@ class InferenceRunner:
 
     `path` is the path in use and `reason` why it was chosen; `compiled` becomes False if
     compilation failed and the runner fell back to eager mode.
+
+    On a compiled path every image size (height, width) gets a graph of its own, compiled on the
+    `compile_after`-th call at that size (tens of seconds on a CPU); until then, and for every
+    size when `compile_after` is None, the size runs eagerly (the same path without the compiler
+    and without int8). `warmup` compiles its size at once. Sizes with a graph always use it.
     """
 
-    def __init__(self, model: DFNet, network: Network, *, device: torch.device, path: InferencePath, reason: str):
+    def __init__(
+        self,
+        model: DFNet,
+        network: Network,
+        *,
+        device: torch.device,
+        path: InferencePath,
+        reason: str,
+        compile_after: int | None = 1,
+    ):
         self.model = model
         self.device = device
         self.path = path
         self.reason = reason
         self.compiled = path.compile
+        self.compile_after = compile_after
+        self.calls_per_size: Counter[tuple[int, int]] = Counter()
+        self.graph_sizes: set[tuple[int, int]] = set()  # sizes with a compiled graph
         self._eager: Network = _network(model, replace(path, int8=False))
         self._network = network
 
     def __repr__(self) -> str:
         return f"InferenceRunner(path={self.path.name!r}, device={self.device}, compiled={self.compiled})"
 
-    # inference_mode, not no_grad: callers such as Inpainter run it in inference mode, and a
-    # compiled graph traced under the other mode would be recompiled on their first call.
-    @torch.inference_mode()
     def __call__(self, image: Tensor, mask: Tensor) -> Tensor:
         """image: N3HW in [0, 1]; mask: N1HW, 1 = known. Returns the completed N3HW float32 image
         on the runner's device (standard contiguous layout)."""
+        return self._complete(image, mask, compile_now=False)
+
+    # inference_mode, not no_grad: callers such as Inpainter run it in inference mode, and a
+    # compiled graph traced under the other mode would be recompiled on their first call.
+    @torch.inference_mode()
+    def _complete(self, image: Tensor, mask: Tensor, *, compile_now: bool) -> Tensor:
         image, mask = _placed(image, self.device, self.path), _placed(mask, self.device, self.path)
         filled = _placed(self.model.fill_holes(image, mask), self.device, self.path)
-        if self.compiled:
+        size = (filled.shape[-2], filled.shape[-1])
+        self.calls_per_size[size] += 1
+        due = self.compile_after is not None and self.calls_per_size[size] >= self.compile_after
+        if self.compiled and (compile_now or due or size in self.graph_sizes):
             try:
                 for tensor in (filled, mask):  # one static graph per image size, see _static_sizes
                     _static_sizes(tensor)
-                with _freezing():
+                with _compiling():
                     finest = self._network(filled, mask)
+                self.graph_sizes.add(size)
             except Exception as error:  # a failing compiler must not take inference down
                 # An eager run tells a bad input (it fails again, and that error propagates)
                 # from a compile problem (eager works: warn once and stay eager from now on).
@@ -307,7 +332,8 @@ class InferenceRunner:
                     str(error).splitlines()[0] if str(error) else "",
                 )
                 self.compiled = False
-                self._network = self._eager
+        elif self.path.compile:  # a size not compiled (yet), or compiling failed
+            finest = self._eager(filled, mask)
         else:
             finest = self._network(filled, mask)
         return (image * mask + finest * (1.0 - mask)).contiguous()
@@ -328,7 +354,7 @@ class InferenceRunner:
         mask[..., height // 4 : height // 2, width // 4 : width // 2] = 0.0  # a hole, like real use
         start = time.perf_counter()
         for index in range(max(repeats, 1)):
-            self(image, mask)
+            self._complete(image, mask, compile_now=True)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             if index == 0:
@@ -356,18 +382,25 @@ def _static_sizes(x: Tensor) -> None:
     torch._dynamo.mark_static(x, 3)
 
 
-def _freezing() -> contextlib.AbstractContextManager[object]:
-    """Inductor's `freezing` switched on for the duration of a compiled call.
+def _compiling() -> contextlib.AbstractContextManager[object]:
+    """Inductor's settings for a compiled call, switched on for its duration only.
 
-    Freezing lets inductor treat the weights as constants: it prepacks conv weights for oneDNN
-    and constant-folds whatever depends on weights only. It has to be on in the global config
-    while dynamo *traces* (dynamo reads it to decide whether parameters are graph inputs), so
-    `torch.compile(options={"freezing": True})` alone is not enough; a scoped patch keeps the
-    rest of the process unaffected.
+    * `freezing`: the weights become constants, so inductor prepacks the conv weights for oneDNN
+      and constant-folds whatever depends on weights only. It has to be on in the global config
+      while dynamo *traces* (dynamo reads it to decide whether parameters are graph inputs), so
+      `torch.compile(options={"freezing": True})` alone is not enough. Its price: a graph with
+      prepacked weights cannot be cached ("mkldnn tensors unpickleable"), so every process
+      lowers its graphs afresh; the on-disk cache saves only the C++ builds.
+    * `cpp_wrapper`: the graph runs as one C++ function that releases the GIL, instead of Python
+      code that calls each fused kernel with the GIL held. In Serve's replica the event loop and
+      the model thread then stop waiting on each other, and the shipped model's network ran
+      16 % faster at 256² (12.0 vs 14.3 ms, one thread).
+
+    A scoped patch keeps the rest of the process unaffected.
     """
     import torch._inductor.config as inductor_config
 
-    return inductor_config.patch(freezing=True)
+    return inductor_config.patch(freezing=True, cpp_wrapper=True)
 
 
 def default_calibration(size: int = 256, count: int = 4, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
@@ -424,6 +457,7 @@ def optimize_for_inference(
     device: str | torch.device = "cpu",
     path: str | InferencePath = "auto",
     calibration: Sequence[tuple[Tensor, Tensor]] = (),
+    compile_after: int | None = 1,
 ) -> InferenceRunner:
     """A fast inference callable for `model` on `device`, leaving `model` itself untouched.
 
@@ -433,6 +467,10 @@ def optimize_for_inference(
         logs a warning and runs eagerly.
     calibration: (image, mask) pairs like the ones the runner will see, for the int8 path; by
         default a few bundled photos with holes (`default_calibration`).
+    compile_after: on a compiled path, the call at an image size that compiles it: 1 = the
+        first, 2 = once the size comes again (a lone image does not wait for a compile it cannot
+        pay back), None = only sizes passed to `InferenceRunner.warmup`; until then a size runs
+        eagerly. Can be changed later on the runner.
     """
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -465,4 +503,4 @@ def optimize_for_inference(
         persistent_compile_cache()
         network = torch.compile(network)
     logger.info("inference path %s on %s: %s", chosen.name, device, reason)
-    return InferenceRunner(prepared, network, device=device, path=chosen, reason=reason)
+    return InferenceRunner(prepared, network, device=device, path=chosen, reason=reason, compile_after=compile_after)

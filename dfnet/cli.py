@@ -46,9 +46,12 @@ def _pairs(image: Path, mask: Path, out: Path) -> list[tuple[Path, Path, Path]]:
 
 def cmd_inpaint(args: argparse.Namespace) -> int:
     model, _ = load_model(args.model, args.device)
-    # One runner for the whole run: a compiled path compiles on the first image (and once more
-    # for a second size; after that torch.compile's graphs take any size), not per image.
-    runner = None if args.inference == "off" else optimize_for_inference(model, device=args.device, path=args.inference)
+    # One runner for the whole run. A compiled path compiles each image size once, when a second
+    # image of that size comes: a compile takes tens of seconds, more than a lone photo takes
+    # eagerly, so a single photo (or a size seen once) runs eagerly instead.
+    runner = None
+    if args.inference != "off":
+        runner = optimize_for_inference(model, device=args.device, path=args.inference, compile_after=2)
     if runner is not None:
         print(f"inference path: {runner.path.name} ({runner.reason})", file=sys.stderr)
     inpainter = Inpainter(model, args.device, runner=runner)
@@ -113,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "off", *INFERENCE_PATHS],
         default="auto",
         help="how the network runs (dfnet.accelerate): auto = the fastest path for this machine "
-        "(compiled; bf16 where native, else int8; the first image pays the compile), off = the plain model",
+        "(compiled; bf16 where native, else int8; each image size compiles when its second image comes), "
+        "off = the plain model",
     )
     p.set_defaults(func=cmd_inpaint)
 

@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import logging
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from ray import serve
 from ray.serve import Application, metrics
 
-from dfnet.accelerate import optimize_for_inference, persistent_compile_cache
+from dfnet.accelerate import InferenceRunner, optimize_for_inference, persistent_compile_cache
 from dfnet.images import ImageTooLarge, UnreadableImage, decode_image, encode_png
 from dfnet.inpaint import STRATEGIES, Inpainter
 from dfnet.masks import MASK_CONVENTIONS, mask_from_image
@@ -144,6 +145,11 @@ class InpaintDeployment:
         )
         # One thread owns the model: batches run one after another at full intra-op
         # parallelism instead of fighting over the cores, and the event loop stays free.
+        # The model thread still needs the GIL between kernels, and by default a thread waits
+        # up to 5 ms for it while the event loop holds it; 0.5 ms keeps the model fed (on the
+        # 2-core bench machine a Python-busy thread slowed a 256² image from 33 to 200 ms at
+        # 5 ms, to 33 ms at 0.5 ms).
+        sys.setswitchinterval(0.0005)
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfnet-model")
         self._infer_batch.set_max_batch_size(s.max_batch_size)
         self._infer_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
@@ -156,8 +162,7 @@ class InpaintDeployment:
         # Compile now, through the Inpainter as requests call it (the graphs guard on how they
         # are called). Each image size gets a static graph (dfnet.accelerate keeps sizes static:
         # symbolic ones ran 8-11x slower); batch 1 is a graph of its own and batch 2 makes the
-        # batch dynamic, so requests at a warmed-up size never wait for a compile. Another size
-        # compiles on its first request (tens of seconds), up to dynamo's recompile limit.
+        # batch dynamic, so requests at a warmed-up size never wait for a compile.
         for side, batch in itertools.product(s.warmup_sizes, (1, 2)):
             side = -(-side // self.inpainter.multiple) * self.inpainter.multiple
             hole = np.zeros((side, side), dtype=np.uint8)
@@ -165,6 +170,10 @@ class InpaintDeployment:
             grey = np.full((side, side, 3), 127, np.uint8)
             self.inpainter.max_batch = batch
             self.inpainter.inpaint_batch([grey] * batch, [hole] * batch, strategy="pad")
+        if isinstance(runner := self.inpainter.runner, InferenceRunner):
+            # Any other size runs eagerly: compiling it (tens of seconds) would hold up every
+            # queued request.
+            runner.compile_after = None
         logger.info("DFNet replica ready: %s", {k: self.info[k] for k in ("source", "preset", "device", "inference")})
 
     def _pass_size(self, jobs: list[Job]) -> int:
@@ -208,7 +217,9 @@ class InpaintDeployment:
         self.forward_seconds.observe(loop.time() - start)
         return [(result, len(jobs)) for result in results]
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    # Two batches at once: the next one gathers (and waits on the model thread) while one runs,
+    # so the model never idles between batches.
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=2)
     async def _infer_batch(self, jobs: list[Job]) -> list[Any]:
         return await self._run(jobs)
 

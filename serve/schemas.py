@@ -27,7 +27,8 @@ class ServeSettings(BaseModel):
     # dfnet.accelerate path: auto (chosen from the CPU's flags / CUDA), a named path, or off.
     inference: InferenceName = "auto"
     # Square sides the inference path is compiled at during start-up, at batch 1 and 2 (see
-    # InpaintDeployment): requests at these sizes never wait for a compile; [] = none.
+    # InpaintDeployment): requests at these sizes never wait for a compile, and only these run
+    # compiled (others run eagerly); [] = none.
     warmup_sizes: list[PositiveInt] = [128, 256]
     work_size: PositiveInt | None = None  # Inpainter's work size; None = its default
     # Pixels per forward pass (batch × padded H × W). On a CPU a big batch of big images runs

@@ -302,6 +302,40 @@ def test_every_image_size_gets_a_static_graph(model, monkeypatch):
     torch._dynamo.reset()
 
 
+def test_a_size_compiles_on_its_nth_call_and_warmup_compiles_at_once(model, inputs, reference, monkeypatch):
+    """compile_after=2 (the CLI): a size's first image runs eagerly, its second compiles it.
+    compile_after=None (Serve after its warm-up): sizes not warmed up never compile."""
+    graphs = []
+
+    def recording_backend(graph: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        graphs.append(graph)
+        return graph.forward
+
+    compile_with = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda network, **_: compile_with(network, backend=recording_backend))
+    torch._dynamo.reset()
+    runner = optimize_for_inference(model, path="compile", compile_after=2)
+    image, mask = inputs[0][:1], inputs[1][:1]
+    first = runner(image, mask)
+    assert graphs == [] and runner.graph_sizes == set()
+    second = runner(image, mask)
+    assert len(graphs) == 1 and runner.graph_sizes == {(SIZE, SIZE)}
+    for out in (first, second):  # eager and compiled compute the same completion
+        assert (out - reference[:1]).abs().max().item() < 1e-4
+
+    runner.compile_after = None
+    bigger = torch.nn.functional.interpolate(image, scale_factor=2.0), torch.ones(1, 1, 2 * SIZE, 2 * SIZE)
+    bigger[1][..., :SIZE, :SIZE] = 0.0
+    for _ in range(3):
+        runner(*bigger)
+    assert len(graphs) == 1 and runner.graph_sizes == {(SIZE, SIZE)}
+    runner(image, mask)  # a size with a graph keeps using it
+    assert len(graphs) == 1
+    runner.warmup(bigger[0].shape)
+    assert len(graphs) == 2 and runner.graph_sizes == {(SIZE, SIZE), (2 * SIZE, 2 * SIZE)}
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_compile_failure_falls_back_to_eager(model, inputs, reference, tmp_path, monkeypatch, caplog):
     # A real failure, not a simulated one: point inductor at a C++ compiler that does not exist,
