@@ -217,9 +217,7 @@ class InpaintDeployment:
         self.forward_seconds.observe(loop.time() - start)
         return [(result, len(jobs)) for result in results]
 
-    # Two batches at once: the next one gathers (and waits on the model thread) while one runs,
-    # so the model never idles between batches.
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=2)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _infer_batch(self, jobs: list[Job]) -> list[Any]:
         return await self._run(jobs)
 
