@@ -12,9 +12,9 @@ the server sizes them. The same model is then served by a Serve application on a
 driven by --clients concurrent HTTP clients (PNG in, PNG out) until --requests answers have come
 back; its throughput counts the steady state only, between the first and the last --clients
 answers (before and after, fewer requests are in flight than the clients keep up). Each preset is
-deployed once and measured at every --sizes side. Rounds alternate raw and
-served runs so that drift in a shared machine's load hits both alike; throughputs are medians over
-rounds, latencies pooled. `shipped` is the model in dfnet/pretrained (small + NS pre-fill);
+deployed once and measured at every --sizes side. Rounds alternate raw and served runs so that
+drift in a shared machine's load hits both alike; throughputs are medians over rounds, latencies
+pooled. `shipped` is the model in dfnet/pretrained (small + NS pre-fill);
 `official` has random weights (speed only). The results go to stdout and between the serve_load
 markers of --doc. No assertions.
 """

@@ -52,7 +52,6 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
     runner = None
     if args.inference != "off":
         runner = optimize_for_inference(model, device=args.device, path=args.inference, compile_after=2)
-    if runner is not None:
         print(f"inference path: {runner.path.name} ({runner.reason})", file=sys.stderr)
     inpainter = Inpainter(model, args.device, runner=runner)
     triples = _pairs(Path(args.image), Path(args.mask), Path(args.out))

@@ -147,8 +147,8 @@ class InpaintDeployment:
         # parallelism instead of fighting over the cores, and the event loop stays free.
         # The model thread still needs the GIL between kernels, and by default a thread waits
         # up to 5 ms for it while the event loop holds it; 0.5 ms keeps the model fed (on the
-        # 2-core bench machine a Python-busy thread slowed a 256² image from 33 to 200 ms at
-        # 5 ms, to 33 ms at 0.5 ms).
+        # 2-core bench machine, beside a Python-busy thread, a 256² image that takes 17 ms alone
+        # took 200 ms at 5 ms and 33 ms at 0.5 ms).
         sys.setswitchinterval(0.0005)
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfnet-model")
         self._infer_batch.set_max_batch_size(s.max_batch_size)
