@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -44,27 +46,47 @@ def _pairs(image: Path, mask: Path, out: Path) -> list[tuple[Path, Path, Path]]:
     return triples
 
 
+# What compiling one image size costs on a 2-core CPU with an empty compile cache (20–40 s,
+# docs/performance.md), and the share of each later image's time it then saves over the path's
+# eager fallback: 21 % for the shipped model, 47 % for the official one (512², Zen 5).
+COMPILE_SECONDS = 30.0
+COMPILED_SAVING = 0.25
+
+
+def worth_compiling(images_left: int, seconds_per_image: float) -> bool:
+    """Whether the images still to come, if they share a size, would pay back compiling it."""
+    return images_left * seconds_per_image * COMPILED_SAVING > COMPILE_SECONDS
+
+
 def cmd_inpaint(args: argparse.Namespace) -> int:
     model, _ = load_model(args.model, args.device)
-    # One runner for the whole run. A compiled path compiles each image size once, when a second
-    # image of that size comes: a compile takes tens of seconds, more than a lone photo takes
-    # eagerly, so a single photo (or a size seen once) runs eagerly instead.
+    triples = _pairs(Path(args.image), Path(args.mask), Path(args.out))
+    # One runner for the whole run, starting eager. A compiled path compiles an image size when
+    # the images left could pay the compile back (`worth_compiling`, judged on the time images
+    # took so far), and only once that size has come twice: a folder of photos from one camera
+    # compiles once; a lone photo, a short folder or a size seen once never waits for a compile.
     runner = None
     if args.inference != "off":
-        runner = optimize_for_inference(model, device=args.device, path=args.inference, compile_after=2)
+        runner = optimize_for_inference(model, device=args.device, path=args.inference, compile_after=None)
         print(f"inference path: {runner.path.name} ({runner.reason})", file=sys.stderr)
     inpainter = Inpainter(model, args.device, runner=runner)
-    triples = _pairs(Path(args.image), Path(args.mask), Path(args.out))
     failures = 0
-    for image_path, mask_path, out_path in tqdm(triples, desc="inpainting", unit="image", disable=len(triples) == 1):
+    seconds: list[float] = []
+    for index, (image_path, mask_path, out_path) in enumerate(
+        tqdm(triples, desc="inpainting", unit="image", disable=len(triples) == 1)
+    ):
         try:
             image = open_image(image_path.read_bytes())  # EXIF-rotated; L, RGB or RGBA
             mask = open_image(mask_path.read_bytes())
+            start = time.perf_counter()
             result = inpainter.inpaint(image, mask, mask_convention=args.mask_convention, strategy=args.strategy)
+            seconds.append(time.perf_counter() - start)
         except (OSError, ValueError) as error:  # one bad file must not stop a folder run
             failures += 1
             print(f"error: {image_path}: {error}", file=sys.stderr)
             continue
+        if runner is not None and runner.compiled:
+            runner.compile_after = 2 if worth_compiling(len(triples) - index - 1, statistics.median(seconds)) else None
         out_path.parent.mkdir(parents=True, exist_ok=True)
         result.save(out_path)
     print(f"wrote {len(triples) - failures} image(s) to {args.out}" + (f"; {failures} failed" if failures else ""))
@@ -115,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "off", *INFERENCE_PATHS],
         default="auto",
         help="how the network runs (dfnet.accelerate): auto = the fastest path for this machine "
-        "(compiled; bf16 where native, else int8; each image size compiles when its second image comes), "
+        "(compiled; bf16 where native, else int8; an image size compiles once enough images of it remain "
+        "to pay the compile back, else runs eagerly), "
         "off = the plain model",
     )
     p.set_defaults(func=cmd_inpaint)

@@ -171,7 +171,16 @@ class DecoderBlock(nn.Module):
     part runs at a quarter of the pixels with 16 taps per output pixel quad instead of 36, and
     the largest tensor of the old forward (up(x) at full resolution) is never written. The skip
     part is an ordinary 3×3 conv. Same function, fp32 rounding apart (≈ 1e-7).
+
+    With `transposed` set, the upsampled part is instead one stride-2 transposed conv with 4×4
+    kernels (`transposed_kernels`): the same taps, but the four phases come out interleaved in
+    one full-resolution map. Eager, the phase form is as fast or faster (the official preset:
+    3 % slower transposed); compiled, inductor turns the phase-by-phase adds into scalar loops
+    over the few channels of the finest level, and the transposed form ran the shipped model's
+    bf16 graph ~25 % faster (official ~10 %). `dfnet.accelerate` sets it on its compiled paths.
     """
+
+    transposed: bool = False
 
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int):
         super().__init__()
@@ -190,6 +199,9 @@ class DecoderBlock(nn.Module):
             # output, and a recompiled (dynamic-shape) graph fails its stride checks. A padded
             # 3×3 copy has one layout (and costs nothing at this size).
             x, pad = F.pad(x, (1, 1, 1, 1)), 0
+        elif self.transposed:
+            out = out + F.conv_transpose2d(x, transposed_kernels(weight[:, :up]), stride=2, padding=1)
+            return self.act(self.norm(out))
         phases = F.conv2d(x, subpixel_kernels(weight[:, :up]), padding=pad)  # (h + 1) × (w + 1)
         return self.act(self.norm(add_phases(out, phases)))
 
@@ -208,6 +220,23 @@ def subpixel_kernels(weight: Tensor) -> Tensor:
         return torch.stack([w0, w1 + w2] if phase == 0 else [w0 + w1, w2], dim)
 
     return torch.cat([fold(fold(weight, 2, a), 3, b) for a in (0, 1) for b in (0, 1)])
+
+
+def transposed_kernels(weight: Tensor) -> Tensor:
+    """The 4×4 kernels of a stride-2 transposed conv (padding 1) that applies 3×3 `weight`
+    (C_out, C, 3, 3) to a nearest ×2 upsample; returns (C, C_out, 4, 4), conv_transpose2d's layout.
+
+    A transposed conv adds input row i into output row o through kernel tap o − 2i + 1. The
+    sub-pixel rows (see `subpixel_kernels`) put w0 on row i − 1 and w1 + w2 on row i for output
+    row 2i, and w0 + w1 on row i, w2 on row i + 1 for output row 2i + 1: taps 3, 1, 2, 0. So the
+    taps are (w2, w1 + w2, w0 + w1, w0); columns alike.
+    """
+
+    def fold(w: Tensor, dim: int) -> Tensor:
+        w0, w1, w2 = w.unbind(dim)
+        return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
+
+    return fold(fold(weight, 2), 3).transpose(0, 1)
 
 
 def add_phases(out: Tensor, phases: Tensor) -> Tensor:
@@ -282,8 +311,10 @@ def classical_prefill(image: Tensor, mask: Tensor, method: Prefill, radius: int)
             filled = np.stack(list(pool.map(fill_one, range(len(pixels)))))
     else:
         filled = np.stack([fill_one(i) for i in range(len(pixels))])
-    fill = torch.from_numpy(filled).to(image.device).permute(0, 3, 1, 2).to(image.dtype).div(255)
-    return image * mask + fill * (1.0 - mask)
+    # NHWC uint8 → NCHW before converting: arithmetic between tensors of different memory
+    # layouts runs a slow strided loop (3.6 vs 0.7 ms for the whole step at 512²).
+    fill = torch.from_numpy(filled).permute(0, 3, 1, 2).contiguous().to(image.device, image.dtype).div_(255)
+    return torch.where(mask < 0.5, fill, image)
 
 
 class FusionBlock(nn.Module):
@@ -302,7 +333,9 @@ class FusionBlock(nn.Module):
     def forward(self, features: Tensor, input_image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """`input_image` is what the network was given: image * mask, or the pre-filled image."""
         size = features.shape[-2:]
-        known = F.interpolate(input_image, size=size, mode="bilinear", align_corners=False)  # I_k (or P_k)
+        known = input_image  # I_k (or P_k); at the finest level the input itself, not an identity resize
+        if input_image.shape[-2:] != size:
+            known = F.interpolate(input_image, size=size, mode="bilinear", align_corners=False)
         logits = self.to_image(features)
         if self.corrects_prefill:  # black and white stay finite in logit space (±9.2, 0.03 of a grey level)
             logits = logits + torch.logit(known, eps=1e-4)

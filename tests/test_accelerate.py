@@ -145,12 +145,15 @@ def test_eager_changes_keep_the_numbers():
             assert (a - b).abs().max().item() <= 2.5e-7  # two float32 ulps at 1.0
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["subpixel", "transposed"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_decoder_block_is_upsample_cat_conv(channels_last):
-    """The sub-pixel forward computes the paper's upsample → concat → 3×3 conv (and its gradients,
-    to the inputs and the checkpoint-layout weights), in the input's memory format."""
+def test_decoder_block_is_upsample_cat_conv(channels_last, transposed):
+    """Both forms of the forward (sub-pixel phases, one transposed conv) compute the paper's
+    upsample → concat → 3×3 conv (and its gradients, to the inputs and the checkpoint-layout
+    weights), in the input's memory format."""
     torch.manual_seed(0)
     block = DecoderBlock(5, 2, 3).double().eval()
+    block.transposed = transposed
     nn.init.normal_(block.norm.running_mean)
     x = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
     skip = torch.randn(2, 2, 6, 8, dtype=torch.float64, requires_grad=True)
@@ -189,6 +192,7 @@ def test_eager_path_folds_uses_channels_last_and_copies(model, inputs, reference
     assert model.encoder[1].conv.weight.is_contiguous()  # the caller's weights keep their layout
     out = runner(*inputs)
     assert out.is_contiguous()
+    assert not any(block.transposed for block in runner.model.decoder)  # eager: the phase form is faster
     assert (out - reference).abs().max().item() < FOLD_TOLERANCE
 
 
@@ -270,6 +274,8 @@ def test_compiled_runner_matches_eager(model, inputs, reference):
     runner.warmup(inputs[0].shape)
     out = runner(*inputs)
     assert runner.compiled, "compilation fell back to eager on a machine with a C++ compiler"
+    assert all(block.transposed for block in runner.model.decoder)
+    assert not any(block.transposed for block in model.decoder)  # the caller's model is left alone
     # A new batch recompiles with a dynamic batch (as Serve's warm-up does); the 1×1 bottleneck
     # once made that recompile fail its stride checks and fall back to eager.
     runner.warmup((2, SIZE, SIZE))

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from dfnet.cli import main as cli_main
+from dfnet.cli import worth_compiling
 from dfnet.inpaint import Inpainter, Window, hole_windows
 from dfnet.model import build_model
 
@@ -154,3 +155,42 @@ def test_cli_import_official_reports_mismatch(tmp_path: Path, capsys: pytest.Cap
     code = cli_main(["import-official", str(tmp_path / "bad.pth"), str(tmp_path / "out")])
     assert code == 2
     assert "missing key" in capsys.readouterr().err
+
+
+def test_compiling_is_worth_it_only_when_enough_images_remain() -> None:
+    assert not worth_compiling(images_left=0, seconds_per_image=10.0)
+    assert not worth_compiling(images_left=20, seconds_per_image=0.05)  # a folder of 512² photos
+    assert worth_compiling(images_left=5000, seconds_per_image=0.05)  # a long run pays it back
+    assert worth_compiling(images_left=50, seconds_per_image=5.0)  # so do fewer, slower images
+
+
+@pytest.mark.parametrize("compile_seconds, compiled", [(30.0, False), (0.0, True)])
+def test_cli_compiles_a_size_only_when_the_run_pays_it_back(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compile_seconds: float, compiled: bool
+) -> None:
+    """A short folder runs eagerly throughout; when compiling pays (here: when it is free) the size
+    compiles at its second image. Dynamo traces for real; the recording backend stands in for
+    inductor's tens of seconds."""
+    import dfnet.cli
+
+    graphs: list[torch.fx.GraphModule] = []
+
+    def recording_backend(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(graph)
+        return graph.forward
+
+    compile_with = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda network, **_: compile_with(network, backend=recording_backend))
+    monkeypatch.setattr(dfnet.cli, "COMPILE_SECONDS", compile_seconds)
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for i in range(3):
+        Image.fromarray(photo((64, 96, 3), i)).save(images / f"p{i}.png")
+        Image.fromarray(hole_mask(64, 96, [(10, 10, 30, 30)])).save(masks / f"p{i}.png")
+    torch._dynamo.reset()
+    args = ["inpaint", "--model", str(model_dir), "--image", str(images), "--mask", str(masks)]
+    assert cli_main([*args, "--out", str(tmp_path / "out"), "--inference", "compile"]) == 0
+    torch._dynamo.reset()
+    assert len(graphs) == (1 if compiled else 0)  # one size, compiled once at most
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p0.png", "p1.png", "p2.png"]
