@@ -1,7 +1,7 @@
 """Fast DFNet inference: one call, `optimize_for_inference(model)`, picks the path for the machine.
 
 A *path* is how the network runs (`INFERENCE_PATHS`): every path folds each BatchNorm into the
-conv before it and uses channels_last (the fp32 and bf16 compiled paths also run the decoder's
+conv before it and uses channels_last (the fp32 and native-bf16 compiled paths also run the decoder's
 upsampling as transposed convs, `DecoderBlock.transposed`); then
 
 * ``eager``         fp32, no compiler (what runs where nothing else can)
@@ -486,15 +486,18 @@ def optimize_for_inference(
         raise ValueError(f"unknown inference path {path!r}; choose auto or one of {', '.join(INFERENCE_PATHS)}")
     if chosen.int8 and device.type != "cpu":
         raise ValueError("the int8 path runs on the CPU only (x86 inductor quantiser)")
-    if chosen.dtype is not None and not native_bfloat16(device) and chosen.dtype == torch.bfloat16:
+    emulated_bf16 = chosen.dtype == torch.bfloat16 and not native_bfloat16(device)
+    if emulated_bf16:
         logger.warning("no native bfloat16 on %s: the %s path will be slow", device, chosen.name)
     prepared = copy.deepcopy(model).eval()  # .to() and folding mutate; the caller keeps theirs
     if chosen.fold_bn:
         _fold_in_place(prepared)
     prepared.requires_grad_(False).to(device)
-    if chosen.compile and not chosen.int8:
+    if chosen.compile and not chosen.int8 and not emulated_bf16:
         # What inductor fuses best (DecoderBlock's docstring). Not for int8: the quantiser leaves
         # transposed convs in float, and that graph ran slower (33 vs 20 ms, shipped at 512²).
+        # Nor for emulated bf16, where oneDNN's transposed conv is pathological (the official
+        # model took 16 s per 512² image on a CPU capped to AVX2, against 1.8 s with phases).
         for block in prepared.decoder:
             block.transposed = True
     if chosen.channels_last:

@@ -196,6 +196,20 @@ def test_eager_path_folds_uses_channels_last_and_copies(model, inputs, reference
     assert (out - reference).abs().max().item() < FOLD_TOLERANCE
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_transposed_decoders_only_on_the_compiled_paths_they_speed_up(model, monkeypatch, native):
+    """fp32 and native-bf16 compiled paths run transposed decoders; emulated bf16 does not (oneDNN's
+    transposed conv is pathological there), nor does the eager path. Nothing compiles here."""
+    import dfnet.accelerate
+
+    monkeypatch.setattr(dfnet.accelerate, "native_bfloat16", lambda device: native)
+    paths = ("eager", "compile", "compile-bf16")
+    decoders = {path: optimize_for_inference(model, path=path).model.decoder for path in paths}
+    assert not any(block.transposed for block in decoders["eager"])
+    assert all(block.transposed for block in decoders["compile"])
+    assert all(block.transposed == native for block in decoders["compile-bf16"])
+
+
 def test_bf16_autocast_within_4_levels(model, inputs, reference):
     image, mask = inputs
     runner = optimize_for_inference(model, path=InferencePath("bf16-eager", dtype=torch.bfloat16))
