@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: one local Ray for the session and a real S3 server on loopback.
+"""Shared pytest fixtures: one local Ray for the session, a real S3 server on loopback, and
+torch.compile with a recording backend.
 
 The S3 server is moto in server mode (a real HTTP S3 endpoint), so code under test uses its
 ordinary clients (pyarrow, boto3) instead of patched ones.
@@ -262,3 +263,22 @@ def _free_loopback_port() -> int:
 def free_loopback_port() -> Any:
     """The function `_free_loopback_port`."""
     return _free_loopback_port
+
+
+@pytest.fixture
+def compiled_graphs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
+    """The graphs torch.compile hands to its backend, in order. Dynamo traces for real; the graphs
+    then run as they are instead of through inductor (which takes tens of seconds per graph)."""
+    import torch
+
+    graphs: list[Any] = []
+
+    def recording_backend(graph: Any, example_inputs: list[Any]) -> Any:
+        graphs.append(graph)
+        return graph.forward
+
+    compile_with = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda network, **_: compile_with(network, backend=recording_backend))
+    torch._dynamo.reset()
+    yield graphs
+    torch._dynamo.reset()

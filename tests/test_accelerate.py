@@ -322,18 +322,10 @@ def test_every_image_size_gets_a_static_graph(model, monkeypatch):
     torch._dynamo.reset()
 
 
-def test_a_size_compiles_on_its_nth_call_and_warmup_compiles_at_once(model, inputs, reference, monkeypatch):
-    """compile_after=2 (the CLI): a size's first image runs eagerly, its second compiles it.
+def test_a_size_compiles_on_its_nth_call_and_warmup_compiles_at_once(model, inputs, reference, compiled_graphs):
+    """compile_after=2: a size's first image runs eagerly, its second compiles it.
     compile_after=None (Serve after its warm-up): sizes not warmed up never compile."""
-    graphs = []
-
-    def recording_backend(graph: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        graphs.append(graph)
-        return graph.forward
-
-    compile_with = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda network, **_: compile_with(network, backend=recording_backend))
-    torch._dynamo.reset()
+    graphs = compiled_graphs
     runner = optimize_for_inference(model, path="compile", compile_after=2)
     image, mask = inputs[0][:1], inputs[1][:1]
     first = runner(image, mask)
@@ -353,7 +345,6 @@ def test_a_size_compiles_on_its_nth_call_and_warmup_compiles_at_once(model, inpu
     assert len(graphs) == 1
     runner.warmup(bigger[0].shape)
     assert len(graphs) == 2 and runner.graph_sizes == {(SIZE, SIZE), (2 * SIZE, 2 * SIZE)}
-    torch._dynamo.reset()
 
 
 @pytest.mark.slow
