@@ -5,8 +5,8 @@
                                [--max-batch-size 8] [--batch-wait-s 0.02] [--json out.json]
                                [--doc docs/performance.md | --doc '']
 
-For each preset the raw `Inpainter` is loaded in this process by the very function a replica uses
-(`serve.app.load_inpainter`, same inference path, same warm-up shapes) and timed on arrays (no
+For each preset the raw `Inpainter` is loaded in this process by the very function a replica's
+model process uses (`serve.app.load_inpainter`, same inference path, same warm-up shapes) and timed on arrays (no
 HTTP, no PNG): one image per call, and --max-batch-size images per call in forward passes sized as
 the server sizes them. The same model is then served by a Serve application on a local Ray and
 driven by --clients concurrent HTTP clients (PNG in, PNG out) until --requests answers have come
@@ -14,7 +14,10 @@ back; its throughput counts the steady state only, between the first and the las
 answers (before and after, fewer requests are in flight than the clients keep up). Each preset is
 deployed once and measured at every --sizes side. Rounds alternate raw and served runs so that
 drift in a shared machine's load hits both alike; throughputs are medians over rounds, latencies
-pooled. `shipped` is the model in dfnet/pretrained (small + NS pre-fill);
+pooled. Over the served rounds every process's CPU time is read too, so the table shows where
+each request's CPU goes (model, replica, proxy, clients, the rest of Ray) and how busy the
+machine was: on a small machine that shares its cores with the load generator, the serving
+stack's CPU limits served throughput, not the model. `shipped` is the model in dfnet/pretrained (small + NS pre-fill);
 `official` has random weights (speed only). The results go to stdout and between the serve_load
 markers of --doc. No assertions.
 """
@@ -27,12 +30,12 @@ import socket
 import tempfile
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
+import psutil
 import torch
 from PIL import Image
 from quality import cpu_name  # a sibling script in bench/
@@ -122,6 +125,47 @@ async def drive(url: str, bodies: list[tuple[bytes, bytes]], requests: int, clie
     return {"throughput": throughput, "latencies": latencies, "batch_sizes": batch_sizes, "statuses": statuses}
 
 
+ROLES = ("model", "replica", "proxy", "clients", "other")
+
+
+def cpu_seconds_by_role() -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of every process on the machine, with its part in serving: the
+    replicas' model processes, the replicas, Serve's proxy, this process (the clients), and
+    everything else (Ray's raylet, GCS and controller, and whatever else runs here)."""
+    seconds = {}
+    for process in psutil.process_iter(["pid", "ppid", "cmdline", "cpu_times"]):
+        cmdline, times = " ".join(process.info["cmdline"] or []), process.info["cpu_times"]
+        if times is None:
+            continue
+        if process.info["pid"] == os.getpid():
+            role = "clients"
+        elif "ServeReplica" in cmdline:
+            role = "replica"
+        elif "ProxyActor" in cmdline:
+            role = "proxy"
+        elif "spawn_main" in cmdline and _is_replica(process.info["ppid"]):
+            role = "model"
+        else:
+            role = "other"
+        seconds[process.info["pid"]] = (role, times.user + times.system)
+    return seconds
+
+
+def _is_replica(pid: int) -> bool:
+    try:
+        return "ServeReplica" in " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return False
+
+
+def cpu_per_request(before: dict, after: dict, requests: int) -> dict[str, float]:
+    """Milliseconds of CPU per answered request, by role, between two `cpu_seconds_by_role`."""
+    spent = dict.fromkeys(ROLES, 0.0)
+    for pid, (role, seconds) in after.items():
+        spent[role] += seconds - before.get(pid, (role, 0.0))[1]
+    return {role: 1000 * value / requests for role, value in spent.items()}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -162,16 +206,18 @@ def bench_size(
     items = workload(16, size)
     bodies = [(encode_png(photo), encode_png(hole)) for photo, hole in items]
     server_pass = images_per_pass(inpainter, (size,) * 2, "auto", info["forward_pixels"], args.max_batch_size)
-    # The raw runs use one dedicated thread, as the replica's model thread does (on this machine
-    # torch ran measurably slower on the main thread of a process than on a worker thread).
-    model_thread = ThreadPoolExecutor(max_workers=1)
     batching = (args.max_batch_size, server_pass)
-    model_thread.submit(bench_raw, inpainter, items, 2 * args.max_batch_size, *batching).result()  # warm-up
+    bench_raw(inpainter, items, 2 * args.max_batch_size, *batching)  # warm-up
     asyncio.run(drive(url, bodies, 2 * args.max_batch_size, args.clients))  # warm-up: connections, batches
     raw_runs, served_runs = [], []
     for _ in range(args.rounds):
-        raw_runs.append(model_thread.submit(bench_raw, inpainter, items, args.requests, *batching).result())
+        raw_runs.append(bench_raw(inpainter, items, args.requests, *batching))
+        cpu_before, busy_before = cpu_seconds_by_role(), psutil.cpu_times()
         served_runs.append(asyncio.run(drive(url, bodies, args.requests, args.clients)))
+        busy_after = psutil.cpu_times()
+        served_runs[-1]["cpu_ms"] = cpu_per_request(cpu_before, cpu_seconds_by_role(), args.requests)
+        idle = (busy_after.idle - busy_before.idle) / (sum(busy_after) - sum(busy_before))
+        served_runs[-1]["machine_busy"] = 1 - idle
     raw = {name: float(np.median([r[name] for r in raw_runs])) for name in raw_runs[0]}
     latencies = np.asarray([x for r in served_runs for x in r["latencies"]]) * 1000
     sizes = sum((r["batch_sizes"] for r in served_runs), Counter())
@@ -188,6 +234,8 @@ def bench_size(
         "p99_ms": float(np.percentile(latencies, 99)),
         "mean_batch": sum(k * v for k, v in sizes.items()) / max(1, sum(sizes.values())),
         "statuses": dict(sum((r["statuses"] for r in served_runs), Counter())),
+        "cpu_ms_per_request": {role: float(np.median([r["cpu_ms"][role] for r in served_runs])) for role in ROLES},
+        "machine_busy": float(np.median([r["machine_busy"] for r in served_runs])),
     }
 
 
@@ -204,20 +252,24 @@ def markdown(report: dict[str, Any]) -> str:
         "counted in the steady state (the first and last --clients answers, when fewer requests are in "
         "flight, are left out). Throughput: median of rounds; latency: all served requests pooled; "
         "overhead = 1/served − 1/raw, "
-        "the time per request that serving adds (HTTP, PNG, proxy, queueing; on this machine the load "
-        "generator shares the CPUs too).",
+        "the time per request that serving adds (HTTP, PNG, proxy, queueing). CPU ms per request, "
+        "measured over the served rounds from every process's CPU time: the replica's model process, "
+        "the replica itself (HTTP, PNG decoding and encoding, Serve's batching), Serve's proxy, the "
+        "load generator (this machine's clients) and everything else (Ray's own processes); CPUs busy: "
+        "the share of the machine's CPU time in use meanwhile.",
         "",
         "| preset | size | path | threads | raw img/s | served img/s | served / raw | overhead ms | p50 ms "
-        "| p99 ms | mean batch |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| p99 ms | mean batch | CPU ms/request: model · replica · proxy · clients · other | CPUs busy |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in report["results"]:
         raw = max(r["raw"].values())
+        cpu = " · ".join(f"{r['cpu_ms_per_request'][role]:.1f}" for role in ROLES)
         lines.append(
             f"| {r['preset']} | {r['size']}² | {r['inference']} | {r['torch_threads']} | {raw:.1f} "
             f"| {r['served']:.1f} | {100 * r['ratio']:.0f} % | {1000 / r['served'] - 1000 / raw:.0f} "
             f"| {r['p50_ms']:.0f} | {r['p99_ms']:.0f} "
-            f"| {r['mean_batch']:.2f} |"
+            f"| {r['mean_batch']:.2f} | {cpu} | {100 * r['machine_busy']:.0f} % |"
         )
     return "\n".join(lines) + "\n"
 

@@ -14,14 +14,15 @@ No ``from __future__ import annotations``: FastAPI reads the route signatures' a
 import asyncio
 import itertools
 import logging
+import multiprocessing
 import os
-import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
+import psutil
 import torch
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -128,37 +129,18 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
 
 
-@serve.deployment(max_ongoing_requests=32)
-@serve.ingress(api)
-class InpaintDeployment:
-    """One replica: an `Inpainter`, one model thread, and a `@serve.batch` queue."""
+class ModelWorker:
+    """The model side of a replica: an `Inpainter`, warmed up, that runs batches of jobs.
+
+    It lives in a process of its own (see `InpaintDeployment`), where it is the only Python
+    code running, so the model never waits for the GIL.
+    """
 
     def __init__(self, settings: ServeSettings):
         self.settings = s = settings
-        api.state.max_upload_bytes = s.max_upload_bytes  # read by BodySizeLimit
         self.inpainter, self.info = load_inpainter(s)
         self.forward_pixels = s.forward_pixels or (CPU_FORWARD_PIXELS if self.inpainter.device.type == "cpu" else None)
-        self.info.update(
-            forward_pixels=self.forward_pixels,
-            batching={"enabled": s.batching, **s.model_dump(include={"max_batch_size", "batch_wait_timeout_s"})},
-            limits={"max_pixels": s.max_pixels, "max_upload_bytes": s.max_upload_bytes},
-        )
-        # One thread owns the model: batches run one after another at full intra-op
-        # parallelism instead of fighting over the cores, and the event loop stays free.
-        # The model thread still needs the GIL between kernels, and by default a thread waits
-        # up to 5 ms for it while the event loop holds it; 0.5 ms keeps the model fed (on the
-        # 2-core bench machine, beside a Python-busy thread, a 256² image that takes 17 ms alone
-        # took 200 ms at 5 ms and 33 ms at 0.5 ms).
-        sys.setswitchinterval(0.0005)
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfnet-model")
-        self._infer_batch.set_max_batch_size(s.max_batch_size)
-        self._infer_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
-        self.batch_sizes = metrics.Histogram(
-            "dfnet_batch_size", description="Requests per @serve.batch call", boundaries=[1, 2, 4, 8, 16, 32]
-        )
-        self.forward_seconds = metrics.Histogram(
-            "dfnet_batch_seconds", description="Model time per batch", boundaries=[0.05, 0.1, 0.2, 0.5, 1, 2, 5]
-        )
+        self.info["forward_pixels"] = self.forward_pixels
         # Compile now, through the Inpainter as requests call it (the graphs guard on how they
         # are called). Each image size gets a static graph (dfnet.accelerate keeps sizes static:
         # symbolic ones ran 8-11x slower); batch 1 is a graph of its own and batch 2 makes the
@@ -174,7 +156,6 @@ class InpaintDeployment:
             # Any other size runs eagerly: compiling it (tens of seconds) would hold up every
             # queued request.
             runner.compile_after = None
-        logger.info("DFNet replica ready: %s", {k: self.info[k] for k in ("source", "preset", "device", "inference")})
 
     def _pass_size(self, jobs: list[Job]) -> int:
         """Images per forward pass for these jobs: as many as forward_pixels allows."""
@@ -183,15 +164,14 @@ class InpaintDeployment:
             return most
         return min(images_per_pass(self.inpainter, j.hole.shape, j.strategy, self.forward_pixels, most) for j in jobs)
 
-    def _run_jobs(self, jobs: list[Job]) -> list[Any]:
-        """On the model thread: one `inpaint_batch` per strategy; within it, windows of equal
-        padded size share forward passes. Returns an image or the exception per job."""
+    def run(self, jobs: list[Job]) -> list[Any]:
+        """One `inpaint_batch` per strategy; within it, windows of equal padded size share
+        forward passes. Returns an image or the exception per job."""
         results: list[Any] = [None] * len(jobs)
         by_strategy: dict[str, list[int]] = {}
         for index, job in enumerate(jobs):
             by_strategy.setdefault(job.strategy, []).append(index)
         for strategy, indices in by_strategy.items():
-            # Only this thread uses the Inpainter: adjusting its pass size here is safe.
             self.inpainter.max_batch = self._pass_size([jobs[i] for i in indices])
             images = [jobs[i].image for i in indices]
             masks = [jobs[i].hole.astype(np.uint8) * 255 for i in indices]  # hole-white
@@ -209,15 +189,71 @@ class InpaintDeployment:
                 results[i] = out
         return results
 
+
+# The model process's own worker; these two functions are what the replica sends it.
+_worker: ModelWorker | None = None
+
+
+def _start_worker(settings: ServeSettings) -> tuple[dict[str, Any], int]:
+    global _worker
+    _worker = ModelWorker(settings)
+    return _worker.info, os.getpid()
+
+
+def _run_jobs(jobs: list[Job]) -> list[Any]:
+    assert _worker is not None, "_start_worker runs first"
+    return _worker.run(jobs)
+
+
+@serve.deployment(max_ongoing_requests=32)
+@serve.ingress(api)
+class InpaintDeployment:
+    """One replica: HTTP, decoding and encoding here, the model in a child process, and a
+    `@serve.batch` queue between them."""
+
+    def __init__(self, settings: ServeSettings):
+        self.settings = s = settings
+        api.state.max_upload_bytes = s.max_upload_bytes  # read by BodySizeLimit
+        # The model runs in a process of its own. In this one, the event loops of Serve and
+        # FastAPI and the PNG threads hold the GIL often, and a model thread beside them had to
+        # win it back after every torch call (a shipped 512² image: 69 ms on the clock for
+        # 56 ms of CPU under load). Jobs and results cross as pickled arrays (well under 1 ms).
+        # spawn: forking a process that runs threads (Ray's) is unsafe.
+        self._model = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        self.info, pid = self._model.submit(_start_worker, s).result()  # loads and warms up
+        self._model_process = psutil.Process(pid)
+        self.info.update(
+            batching={"enabled": s.batching, **s.model_dump(include={"max_batch_size", "batch_wait_timeout_s"})},
+            limits={"max_pixels": s.max_pixels, "max_upload_bytes": s.max_upload_bytes},
+        )
+        self._infer_batch.set_max_batch_size(s.max_batch_size)
+        self._infer_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+        self.batch_sizes = metrics.Histogram(
+            "dfnet_batch_size", description="Requests per @serve.batch call", boundaries=[1, 2, 4, 8, 16, 32]
+        )
+        self.forward_seconds = metrics.Histogram(
+            "dfnet_batch_seconds", description="Model time per batch", boundaries=[0.05, 0.1, 0.2, 0.5, 1, 2, 5]
+        )
+        logger.info("DFNet replica ready: %s", {k: self.info[k] for k in ("source", "preset", "device", "inference")})
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising makes it replace the replica."""
+        if not self._model_process.is_running() or self._model_process.status() == psutil.STATUS_ZOMBIE:
+            raise RuntimeError(f"the model process ({self._model_process.pid}) has exited")
+
+    def __del__(self) -> None:  # Serve's graceful shutdown
+        if model := getattr(self, "_model", None):
+            model.shutdown(wait=False, cancel_futures=True)
+
     async def _run(self, jobs: list[Job]) -> list[Any]:
         loop = asyncio.get_running_loop()
         start = loop.time()
-        results = await loop.run_in_executor(self._model_thread, self._run_jobs, jobs)
+        results = await loop.run_in_executor(self._model, _run_jobs, jobs)
         self.batch_sizes.observe(len(jobs))
         self.forward_seconds.observe(loop.time() - start)
         return [(result, len(jobs)) for result in results]
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=2)
     async def _infer_batch(self, jobs: list[Job]) -> list[Any]:
         return await self._run(jobs)
 

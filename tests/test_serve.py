@@ -11,6 +11,7 @@ import io
 import itertools
 import json
 import os
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 import torch
 import yaml
@@ -289,6 +291,42 @@ def test_unbatched_app_never_batches(server: Server) -> None:
     image, hole = random_image(64, 64, seed=20), rect_mask(64, 64, (5, 5, 30, 30))
     responses = _post_all(server.nobatch_url, [multipart(encode(image), mask_png(hole))] * 3)
     assert [r.headers["x-batch-size"] for r in responses] == ["1", "1", "1"]
+
+
+def _model_processes(app: str) -> list[psutil.Process]:
+    """The processes the application's replicas spawned to run their models."""
+    name = f"ServeReplica:{app}:"
+    replicas = [p for p in psutil.process_iter(["cmdline"]) if name in " ".join(p.info["cmdline"] or [])]
+    children = [child for replica in replicas for child in replica.children()]
+    return [child for child in children if "spawn_main" in " ".join(child.cmdline())]
+
+
+def test_a_dead_model_process_is_replaced_and_none_outlives_its_replica(server: Server) -> None:
+    from ray import serve
+
+    settings = ServeSettings(source=str(server.model_dir), inference="off", warmup_sizes=[])
+    deployment = InpaintDeployment.options(ray_actor_options={"num_cpus": 0}, health_check_period_s=1)
+    serve.run(deployment.bind(settings), name="fragile", route_prefix="/fragile")
+    url = server.url + "/fragile/inpaint"
+    image, hole = random_image(64, 64, seed=21), rect_mask(64, 64, (5, 5, 30, 30))
+    request = multipart(encode(image), mask_png(hole))
+    (model,) = _model_processes("fragile")
+    assert model.pid != os.getpid()
+    decode_png(httpx.post(url, timeout=60, **request))
+
+    model.kill()
+    model.wait(10)
+    deadline = time.monotonic() + 120
+    while (response := httpx.post(url, timeout=60, **request)).status_code != 200:
+        assert time.monotonic() < deadline, f"not serving again: {response.status_code} {response.text}"
+        time.sleep(1)
+    np.testing.assert_array_equal(np.asarray(decode_png(response))[~hole], np.asarray(image)[~hole])
+    (replacement,) = _model_processes("fragile")
+    assert replacement.pid != model.pid
+
+    serve.delete("fragile")
+    gone, alive = psutil.wait_procs([replacement], timeout=30)
+    assert not alive, "the model process outlived its replica"
 
 
 # --------------------------------------------------------------------------- bad input
