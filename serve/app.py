@@ -46,6 +46,7 @@ CHAMPION = "models:/dfnet@champion"
 PIPELINE_MODEL = Path("models/dfnet")  # the DVC pipeline's output, relative to the project root
 FORMATS = ("PNG", "JPEG", "WEBP")  # what browsers and phones send; anything else is refused
 CPU_FORWARD_PIXELS = 65536  # see ServeSettings.forward_pixels
+BATCHES_IN_FLIGHT = 2  # one in the model process, the next queued behind it
 
 
 @dataclass
@@ -253,7 +254,7 @@ class InpaintDeployment:
         self.forward_seconds.observe(loop.time() - start)
         return [(result, len(jobs)) for result in results]
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=2)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=BATCHES_IN_FLIGHT)
     async def _infer_batch(self, jobs: list[Job]) -> list[Any]:
         return await self._run(jobs)
 

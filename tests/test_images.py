@@ -71,8 +71,13 @@ def test_png_round_trip(fast: bool) -> None:
     for shape in [(5, 6), (5, 6, 3), (5, 6, 4)]:
         array = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
         np.testing.assert_array_equal(decode_image(encode_png(array, fast=fast)), array)
+        np.testing.assert_array_equal(decode_image(encode_png(Image.fromarray(array), fast=fast)), array)
     with pytest.raises(ValueError, match="uint8"):
-        encode_png(np.zeros((2, 2), dtype=np.float32))
+        encode_png(np.zeros((2, 2), dtype=np.float32), fast=fast)
+    with pytest.raises(ValueError, match="shape"):
+        encode_png(np.zeros((2, 2, 2), dtype=np.uint8), fast=fast)
+    with pytest.raises(ValueError, match="mode P"):
+        encode_png(Image.new("P", (2, 2)), fast=fast)
 
 
 def test_image_extensions() -> None:

@@ -30,7 +30,7 @@ from PIL import Image
 from dfnet.images import decode_image
 from dfnet.model import DFNet, build_model
 from dfnet.pretrained import pretrained_dir
-from serve.app import InpaintDeployment, load_inpainter, resolve_source
+from serve.app import BATCHES_IN_FLIGHT, InpaintDeployment, load_inpainter, resolve_source
 from serve.schemas import ServeSettings
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -519,7 +519,7 @@ def test_shipped_config_yaml_is_valid() -> None:
     settings_ = ServeSettings.model_validate(application.args)
     (deployment,) = application.deployments
     assert deployment.name == InpaintDeployment.name
-    assert deployment.max_ongoing_requests >= settings_.max_batch_size  # or batches never fill
+    assert deployment.max_ongoing_requests >= BATCHES_IN_FLIGHT * settings_.max_batch_size  # or batches never fill
     assert deployment.autoscaling_config["max_replicas"] >= deployment.autoscaling_config["min_replicas"]
 
 
