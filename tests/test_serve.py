@@ -324,9 +324,18 @@ def test_a_dead_model_process_is_replaced_and_none_outlives_its_replica(server: 
     (replacement,) = _model_processes("fragile")
     assert replacement.pid != model.pid
 
+    # A replica killed outright cannot shut its pool down; its model process must go anyway
+    # (Ray's raylet kills the child processes of a worker that died).
+    replacement.parent().kill()
+    _, alive = psutil.wait_procs([replacement], timeout=30)
+    assert not alive, "the model process outlived its killed replica"
+    deadline = time.monotonic() + 120
+    while not (restarted := _model_processes("fragile")):  # Serve starts a new replica
+        assert time.monotonic() < deadline, "no new replica"
+        time.sleep(1)
     serve.delete("fragile")
-    gone, alive = psutil.wait_procs([replacement], timeout=30)
-    assert not alive, "the model process outlived its replica"
+    _, alive = psutil.wait_procs(restarted, timeout=30)
+    assert not alive, "the model process outlived its deleted replica"
 
 
 # --------------------------------------------------------------------------- bad input
