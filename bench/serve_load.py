@@ -2,7 +2,8 @@
 
     python bench/serve_load.py [--presets shipped official] [--sizes 256 512] [--requests 128]
                                [--clients 16] [--rounds 2] [--threads N] [--inference auto]
-                               [--max-batch-size 8] [--batch-wait-s 0.02] [--json out.json]
+                               [--max-batch-size 8] [--batch-wait-s 0.02] [--inline-bytes N]
+                               [--json out.json]
                                [--doc docs/performance.md | --doc '']
 
 For each preset the raw `Inpainter` is loaded in this process by the very function a replica's
@@ -63,6 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--inference", default="auto", help="dfnet.accelerate path (or off), raw and served")
     parser.add_argument("--max-batch-size", type=int, default=ServeSettings().max_batch_size)
     parser.add_argument("--batch-wait-s", type=float, default=ServeSettings().batch_wait_timeout_s)
+    parser.add_argument(
+        "--inline-bytes",
+        type=int,
+        default=0,
+        help="RAY_max_direct_call_object_size for the local Ray (0: Ray's default, 100 KiB); see the README",
+    )
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--doc", default=str(ROOT / "docs" / "performance.md"), help="'' = do not write")
     return parser.parse_args(argv)
@@ -241,13 +248,15 @@ def bench_size(
 
 def markdown(report: dict[str, Any]) -> str:
     c = report["config"]
+    inline = f"{c['inline_bytes']} bytes" if c["inline_bytes"] else "left at its default (100 KiB)"
     lines = [
         "## Serve throughput (`bench/serve_load.py`)",
         "",
         f"{report['cpu']} ({report['cpus']} CPUs, {report['capability']}), torch {torch.__version__}; "
         f"square images with one rectangular hole, {c['requests']} requests × {c['rounds']} rounds per size, "
         f"{c['clients']} concurrent clients on the same machine, max_batch_size {c['max_batch_size']}, "
-        f"batch wait {c['batch_wait_s']} s, inference `{c['inference']}`. Raw = the `Inpainter` in one process "
+        f"batch wait {c['batch_wait_s']} s, inference `{c['inference']}`, Ray's inline object limit "
+        f"{inline}. Raw = the `Inpainter` in one process "
         "on arrays (best of 1 and max_batch_size images per call); served = HTTP + PNG through Serve, "
         "counted in the steady state (the first and last --clients answers, when fewer requests are in "
         "flight, are left out). Throughput: median of rounds; latency: all served requests pooled; "
@@ -291,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.inline_bytes:  # read by every process of the Ray started below
+        os.environ["RAY_max_direct_call_object_size"] = str(args.inline_bytes)  # noqa: SIM112 (Ray's spelling)
     ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
