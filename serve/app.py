@@ -233,7 +233,10 @@ class InpaintDeployment:
             "dfnet_batch_size", description="Requests per @serve.batch call", boundaries=[1, 2, 4, 8, 16, 32]
         )
         self.forward_seconds = metrics.Histogram(
-            "dfnet_batch_seconds", description="Model time per batch", boundaries=[0.05, 0.1, 0.2, 0.5, 1, 2, 5]
+            "dfnet_batch_seconds",
+            description="Seconds from handing a batch to the model process to its results (with any wait "
+            "behind the batch ahead)",
+            boundaries=[0.05, 0.1, 0.2, 0.5, 1, 2, 5],
         )
         logger.info("DFNet replica ready: %s", {k: self.info[k] for k in ("source", "preset", "device", "inference")})
 
