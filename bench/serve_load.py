@@ -7,20 +7,20 @@
                                [--doc docs/performance.md | --doc '']
 
 For each preset the raw `Inpainter` is loaded in this process by the very function a replica's
-model process uses (`serve.app.load_inpainter`, same inference path, same warm-up shapes) and timed on arrays (no
-HTTP, no PNG): one image per call, and --max-batch-size images per call in forward passes sized as
-the server sizes them. The same model is then served by a Serve application on a local Ray and
-driven by --clients concurrent HTTP clients (PNG in, PNG out) until --requests answers have come
-back; its throughput counts the steady state only, between the first and the last --clients
-answers (before and after, fewer requests are in flight than the clients keep up). Each preset is
-deployed once and measured at every --sizes side. Rounds alternate raw and served runs so that
-drift in a shared machine's load hits both alike; throughputs are medians over rounds, latencies
-pooled. Over the served rounds every process's CPU time is read too, so the table shows where
-each request's CPU goes (model, replica, proxy, clients, the rest of Ray) and how busy the
-machine was: on a small machine that shares its cores with the load generator, the serving
-stack's CPU limits served throughput, not the model. `shipped` is the model in dfnet/pretrained (small + NS pre-fill);
-`official` has random weights (speed only). The results go to stdout and between the serve_load
-markers of --doc. No assertions.
+model process uses (`serve.app.load_inpainter`, same inference path, same warm-up shapes) and timed
+on arrays (no HTTP, no PNG): one image per call, and --max-batch-size images per call in forward
+passes sized as the server sizes them. The same model is then served by a Serve application on a
+local Ray and driven by --clients concurrent HTTP clients (PNG in, PNG out) until --requests
+answers have come back; its throughput counts the steady state only, between the first and the last
+--clients answers (before and after, fewer requests are in flight than the clients keep up). Each
+preset is deployed once and measured at every --sizes side. Rounds alternate raw and served runs so
+that drift in a shared machine's load hits both alike; throughputs are medians over rounds,
+latencies pooled. Over the served rounds every process's CPU time is read too, so the table shows
+where each request's CPU goes (model, replica, proxy, clients, the rest of Ray) and how busy the
+machine was: on a small machine that shares its cores with the load generator, the serving stack's
+CPU limits served throughput, not the model. `shipped` is the model in dfnet/pretrained (small + NS
+pre-fill); `official` has random weights (speed only). The results go to stdout and between the
+serve_load markers of --doc. No assertions.
 """
 
 import argparse
