@@ -393,9 +393,9 @@ def _compiling() -> contextlib.AbstractContextManager[object]:
       prepacked weights cannot be cached ("mkldnn tensors unpickleable"), so every process
       lowers its graphs afresh; the on-disk cache saves only the C++ builds.
     * `cpp_wrapper`: the graph runs as one C++ function that releases the GIL, instead of Python
-      code that calls each fused kernel with the GIL held. In Serve's replica the event loop and
-      the model thread then stop waiting on each other, and the shipped model's network ran
-      16 % faster at 256² (12.0 vs 14.3 ms, one thread).
+      code that calls each fused kernel with the GIL held: other Python threads of the process
+      run meanwhile, and the shipped model's network ran 16 % faster at 256² (12.0 vs 14.3 ms,
+      one thread; measured when Serve still ran its model on a thread beside its event loop).
 
     A scoped patch keeps the rest of the process unaffected.
     """
