@@ -15,7 +15,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup repro test lint bench chromium
+.PHONY: setup repro test lint bench serve chromium
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,3 +44,7 @@ lint: setup
 
 bench: setup
 	python bench/inference.py
+
+# The inpainting endpoint on a local Ray started with serve/ray.env's settings (see the README).
+serve: setup
+	env $$(grep -v '^#' serve/ray.env | xargs) serve run serve/config.yaml

@@ -2,7 +2,7 @@
 
     python bench/serve_load.py [--presets shipped official] [--sizes 256 512] [--requests 128]
                                [--clients 16] [--rounds 2] [--threads N] [--inference auto]
-                               [--max-batch-size 8] [--batch-wait-s 0.02] [--inline-bytes N]
+                               [--max-batch-size 8] [--batch-wait-s 0.02] [--ray-env serve/ray.env]
                                [--json out.json]
                                [--doc docs/performance.md | --doc '']
 
@@ -45,6 +45,7 @@ from dfnet.images import encode_png
 from dfnet.inpaint import Inpainter
 from dfnet.model import build_model
 from dfnet.pretrained import pretrained_dir
+from serve.ray_env import RAY_ENV_FILE, read_ray_env
 from serve.schemas import ServeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,10 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, default=ServeSettings().max_batch_size)
     parser.add_argument("--batch-wait-s", type=float, default=ServeSettings().batch_wait_timeout_s)
     parser.add_argument(
-        "--inline-bytes",
-        type=int,
-        default=0,
-        help="RAY_max_direct_call_object_size for the local Ray (0: Ray's default, 100 KiB); see the README",
+        "--ray-env",
+        default=str(RAY_ENV_FILE.relative_to(ROOT)),
+        help="Ray settings for the local Ray, as `make serve` uses them ('' = Ray's defaults)",
     )
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--doc", default=str(ROOT / "docs" / "performance.md"), help="'' = do not write")
@@ -248,15 +248,15 @@ def bench_size(
 
 def markdown(report: dict[str, Any]) -> str:
     c = report["config"]
-    inline = f"{c['inline_bytes']} bytes" if c["inline_bytes"] else "left at its default (100 KiB)"
+    ray_env = ", ".join(f"`{k}={v}`" for k, v in report["ray_env"].items()) or "none (Ray's defaults)"
     lines = [
         "## Serve throughput (`bench/serve_load.py`)",
         "",
         f"{report['cpu']} ({report['cpus']} CPUs, {report['capability']}), torch {torch.__version__}; "
         f"square images with one rectangular hole, {c['requests']} requests × {c['rounds']} rounds per size, "
         f"{c['clients']} concurrent clients on the same machine, max_batch_size {c['max_batch_size']}, "
-        f"batch wait {c['batch_wait_s']} s, inference `{c['inference']}`, Ray's inline object limit "
-        f"{inline}. Raw = the `Inpainter` in one process "
+        f"batch wait {c['batch_wait_s']} s, inference `{c['inference']}`; Ray's settings: {ray_env}. "
+        "Raw = the `Inpainter` in one process "
         "on arrays (best of 1 and max_batch_size images per call); served = HTTP + PNG through Serve, "
         "counted in the steady state (the first and last --clients answers, when fewer requests are in "
         "flight, are left out). Throughput: median of rounds; latency: all served requests pooled; "
@@ -300,12 +300,13 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.inline_bytes:  # read by every process of the Ray started below
-        os.environ["RAY_max_direct_call_object_size"] = str(args.inline_bytes)  # noqa: SIM112 (Ray's spelling)
+    ray_env = read_ray_env(ROOT / args.ray_env) if args.ray_env else {}
+    os.environ.update(ray_env)  # every process of the Ray started below inherits them
     ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     report: dict[str, Any] = {"cpu": cpu_name(), "cpus": os.cpu_count(), "config": vars(args), "results": []}
+    report["ray_env"] = ray_env
     report["capability"] = torch.backends.cpu.get_cpu_capability()
     try:
         with tempfile.TemporaryDirectory(prefix="dfnet-bench-") as tmp:

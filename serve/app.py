@@ -1,8 +1,9 @@
 """Ray Serve application: DFNet inpainting over HTTP, with dynamic batching.
 
-``serve run serve/config.yaml`` (or ``serve deploy``). The application's ``args:`` there are
-:class:`ServeSettings`; the deployment's Serve options (replicas, autoscaling, resources,
-concurrency) are under ``deployments:`` in the same file. ``DFNET_MODEL_SOURCE``, when set where
+``make serve`` (``serve run serve/config.yaml`` on a Ray started with serve/ray.env's settings) or
+``serve deploy``. The application's ``args:`` there are :class:`ServeSettings`; the deployment's
+Serve options (replicas, autoscaling, resources, concurrency) are under ``deployments:`` in the
+same file. ``DFNET_MODEL_SOURCE``, when set where
 the replicas run, overrides ``source``.
 
 Routes: ``POST /inpaint`` (multipart files), ``POST /inpaint/base64`` (JSON), ``GET /model``,
@@ -37,6 +38,7 @@ from dfnet.masks import MASK_CONVENTIONS, mask_from_image
 from dfnet.pretrained import pretrained_dir
 from dfnet.sources import load_model, preset_name
 from serve.limits import BodySizeLimit
+from serve.ray_env import read_ray_env
 from serve.schemas import InpaintJSON, MaskConvention, ServeSettings, StrategyName
 
 logger = logging.getLogger("ray.serve")
@@ -223,10 +225,16 @@ class InpaintDeployment:
         self._model = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         self.info, pid = self._model.submit(_start_worker, s).result()  # loads and warms up
         self._model_process = psutil.Process(pid)
+        # Ray fixed its settings when it started; this process has the environment it started with.
+        recommended = read_ray_env()
+        ray_env = {name: os.environ.get(name) for name in recommended}
         self.info.update(
             batching={"enabled": s.batching, **s.model_dump(include={"max_batch_size", "batch_wait_timeout_s"})},
             limits={"max_pixels": s.max_pixels, "max_upload_bytes": s.max_upload_bytes},
+            ray_env=ray_env,
         )
+        if differ := [name for name, value in recommended.items() if ray_env[name] != value]:
+            logger.warning("Ray started without serve/ray.env's %s: slower serving (`make serve` sets them)", differ)
         self._infer_batch.set_max_batch_size(s.max_batch_size)
         self._infer_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
         self.batch_sizes = metrics.Histogram(

@@ -87,6 +87,10 @@ def ray_local(moto_endpoint: str) -> Iterator[Any]:
 def _start_local_ray(moto_endpoint: str) -> None:
     import ray
 
+    from serve.ray_env import read_ray_env
+
+    # Started the way `make serve` starts Serve's Ray, so the Serve tests run what users run.
+    os.environ.update(read_ray_env())
     ray.init(
         num_cpus=2,
         include_dashboard=False,

@@ -31,6 +31,7 @@ from dfnet.images import decode_image
 from dfnet.model import DFNet, build_model
 from dfnet.pretrained import pretrained_dir
 from serve.app import BATCHES_IN_FLIGHT, InpaintDeployment, load_inpainter, resolve_source
+from serve.ray_env import read_ray_env
 from serve.schemas import ServeSettings
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -165,6 +166,7 @@ def test_health_model_page_and_docs(server: Server, client: httpx.Client) -> Non
     assert info["limits"] == {"max_pixels": MAX_PIXELS, "max_upload_bytes": MAX_UPLOAD}
     assert info["device"] == "cpu" and info["forward_pixels"] == 65536  # the CPU default
     assert info["inference"] == "eager"
+    assert info["ray_env"] == read_ray_env()  # the replica's Ray was started with them (conftest)
     unbatched = httpx.get(server.nobatch_url + "/model").json()
     assert unbatched["batching"]["enabled"] is False and unbatched["inference"] == "off"
 
@@ -530,6 +532,31 @@ def test_shipped_config_yaml_is_valid() -> None:
     assert deployment.name == InpaintDeployment.name
     assert deployment.max_ongoing_requests >= BATCHES_IN_FLIGHT * settings_.max_batch_size  # or batches never fill
     assert deployment.autoscaling_config["max_replicas"] >= deployment.autoscaling_config["min_replicas"]
+
+
+def test_ray_env_names_settings_that_ray_reads() -> None:
+    """Ray ignores environment variables it does not know, so a misspelt name would silently
+    cost the speed it is there for."""
+    import ray._raylet
+    from ray.serve._private import constants
+
+    settings = read_ray_env()
+    assert "RAY_max_direct_call_object_size" in settings
+    raylet = Path(ray._raylet.__file__).read_bytes()  # Ray's own settings: RAY_ + the name
+    for name in settings:
+        if name.startswith("RAY_SERVE_"):
+            assert hasattr(constants, name), f"Serve has no setting {name}"
+        else:
+            assert name.startswith("RAY_") and name.removeprefix("RAY_").encode() in raylet, f"Ray has no {name}"
+
+
+def test_ray_env_file_format(tmp_path: Path) -> None:
+    path = tmp_path / "ray.env"
+    path.write_text("# a comment\n\nRAY_A=1\n  RAY_B = 2 \n")
+    assert read_ray_env(path) == {"RAY_A": "1", "RAY_B": "2"}
+    path.write_text("RAY_A=1\nRAY_B\n")
+    with pytest.raises(ValueError, match=r"ray.env:2: expected NAME=value"):
+        read_ray_env(path)
 
 
 @pytest.mark.parametrize(

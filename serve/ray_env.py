@@ -1,0 +1,19 @@
+"""The Ray settings that Serve runs with, from serve/ray.env (see the comments there)."""
+
+from pathlib import Path
+
+RAY_ENV_FILE = Path(__file__).with_name("ray.env")
+
+
+def read_ray_env(path: Path = RAY_ENV_FILE) -> dict[str, str]:
+    """`NAME=value` lines, in file order; blank lines and `#` comments are skipped."""
+    settings = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, equals, value = line.partition("=")
+        if not equals or not name.strip():
+            raise ValueError(f"{path}:{number}: expected NAME=value, got {line!r}")
+        settings[name.strip()] = value.strip()
+    return settings
