@@ -117,18 +117,24 @@ def test_plain_path_is_the_eager_model(model, inputs, reference):
     assert torch.allclose(out, reference, atol=1e-6, rtol=0)
 
 
-def test_eager_changes_keep_the_numbers():
+@pytest.fixture(scope="module")
+def bench():
+    """bench/inference.py, imported as a module."""
+    spec = importlib.util.spec_from_file_location("bench_inference", ROOT / "bench" / "inference.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "bench"))  # the script imports its sibling bench/quality.py
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return module
+
+
+def test_eager_changes_keep_the_numbers(bench):
     """Convs with a symmetric "same" pad let nn.Conv2d pad, and decoder blocks run their upsampled
     half at low resolution; bench/inference.py's `before` path (explicit F.pad everywhere,
     upsample then cat then conv) computes the same function at both presets, to float32 rounding
     (the sub-pixel kernels sum the 3×3 taps in another order)."""
-    spec = importlib.util.spec_from_file_location("bench_inference", ROOT / "bench" / "inference.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT / "bench"))  # the script imports its sibling bench/quality.py
-    try:
-        spec.loader.exec_module(bench)
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
     for preset in ("small", "official"):
         torch.manual_seed(0)
         net = build_model(preset).eval()
@@ -143,6 +149,19 @@ def test_eager_changes_keep_the_numbers():
             ours, old = net(image, mask), before(image, mask)
         for a, b in zip(ours.results + ours.alphas, old.results + old.alphas, strict=True):
             assert (a - b).abs().max().item() <= 2.5e-7  # two float32 ulps at 1.0
+
+
+def test_goal_lines_bound_the_speed_up_by_the_prefill(bench):
+    """OpenCV's pre-fill runs eagerly on every path, so the goal lines say how far the auto path's
+    network went and how far any path could go: eager fp32 time over pre-fill time."""
+    fp32 = {"model": "shipped", "size": 512, "batch": 1, "path": "fp32", "auto": False, "ms": 100.0,
+            "ratio": 1.0, "ratio_before": None, "prefill_ms": 25.0}  # fmt: skip
+    auto = {**fp32, "path": "compile-bf16", "auto": True, "ms": 40.0, "ratio": 2.5, "l1_rel": 0.0, "bpe_rel": 0.0}
+    lines = bench.goal_lines([fp32, auto])
+    assert any("auto path `compile-bf16`" in line and "2.50× today's eager fp32 (NOT met)" in line for line in lines)
+    (prefill,) = [line for line in lines if "pre-fill" in line]
+    assert "25.0 ms" in prefill and "network alone: 5.00×" in prefill  # (100 - 25) / (40 - 25)
+    assert "no path can pass 4.00×" in prefill  # 100 / 25
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["subpixel", "transposed"])

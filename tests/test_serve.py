@@ -314,6 +314,9 @@ def test_a_dead_model_process_is_replaced_and_none_outlives_its_replica(server: 
     request = multipart(encode(image), mask_png(hole))
     (model,) = _model_processes("fragile")
     assert model.pid != os.getpid()
+    # A session (so a scheduling group) of its own: the kernel shares the CPUs between the
+    # model and the serving stack rather than among all their threads.
+    assert os.getsid(model.pid) == model.pid != os.getsid(model.parent().pid)
     decode_png(httpx.post(url, timeout=60, **request))
 
     model.kill()
