@@ -47,4 +47,4 @@ bench: setup
 
 # The inpainting endpoint on a local Ray started with serve/ray.env's settings (see the README).
 serve: setup
-	env $$(grep -v '^#' serve/ray.env | xargs) serve run serve/config.yaml
+	env $$(python -m serve.ray_env) serve run serve/config.yaml

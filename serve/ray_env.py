@@ -1,4 +1,6 @@
-"""The Ray settings that Serve runs with, from serve/ray.env (see the comments there)."""
+"""The Ray settings that Serve runs with, from serve/ray.env (see the comments there).
+
+``python -m serve.ray_env`` prints them as `NAME=value` words for `env` (what `make serve` does)."""
 
 from pathlib import Path
 
@@ -17,3 +19,7 @@ def read_ray_env(path: Path = RAY_ENV_FILE) -> dict[str, str]:
             raise ValueError(f"{path}:{number}: expected NAME=value, got {line!r}")
         settings[name.strip()] = value.strip()
     return settings
+
+
+if __name__ == "__main__":
+    print(" ".join(f"{name}={value}" for name, value in read_ray_env().items()))
