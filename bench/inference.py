@@ -50,11 +50,11 @@ import torch
 from quality import cpu_name  # a sibling script in bench/
 
 from dfnet.accelerate import INFERENCE_PATHS, InferencePath, InferenceRunner, choose_path, optimize_for_inference
-from dfnet.data import load_photos
 from dfnet.masks import HOLE_BINS, evaluation_masks
 from dfnet.metrics import band_width_for, bpe
 from dfnet.model import Conv2dSame, DecoderBlock, DFNet, build_model
 from dfnet.params import load_params
+from dfnet.storage import load_photos
 
 PLAIN = dict(channels_last=False, fold_bn=False)
 BENCH_PATHS: dict[str, InferencePath] = {
@@ -358,8 +358,8 @@ def main(argv: list[str] | None = None) -> None:
     data_dir, args.band_width = params.data.out_dir, params.evaluate.band_width
     photos = {}
     for size in args.sizes:
-        photos[f"test{size}"] = load_photos(data_dir, "test", size, limit=args.photos)[1]
-        photos[f"train{size}"] = load_photos(data_dir, "train", size, limit=4)[1]
+        photos[f"test{size}"] = list(load_photos(data_dir, "test", size, args.photos).values())
+        photos[f"train{size}"] = list(load_photos(data_dir, "train", size, 4).values())
     models = {
         "official": lambda: calibrated_official(photos[f"train{args.sizes[0]}"], args.seed),
         "shipped": lambda: DFNet.from_pretrained("pretrained"),

@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from dfnet.data import filesystem_for, read_split
 from dfnet.evaluation import (
     LOWER_IS_BETTER,
     METRICS,
@@ -49,6 +48,7 @@ from dfnet.losses import DFNetLoss
 from dfnet.masks import load_masks
 from dfnet.model import DFNet, FusionMode
 from dfnet.params import Params, load_params
+from dfnet.storage import count_rows, filesystem_for
 from dfnet.training import train
 
 log = logging.getLogger("dfnet.bench.quality")
@@ -122,7 +122,7 @@ def prepared_data(params: Params, scratch: Path) -> Params:
         fs, root = filesystem_for(params.data.out_dir)
         with fs.open_input_stream(f"{root.rstrip('/')}/report.json") as stream:
             source = json.loads(stream.read()).get("source", params.data.source)
-        has_splits = all(read_split(params.data.out_dir, split).num_rows for split in ("train", "test"))
+        has_splits = all(count_rows(params.data.out_dir, split) for split in ("train", "test"))
         size = params.masks.size
         if has_splits and load_masks(params.masks.out)["pool"].shape[1:] == (size, size):
             return replace(params, data=replace(params.data, source=source))  # what the data came from
@@ -257,7 +257,7 @@ def run_quality(
             infos.append({name: info for name, (_, info) in trained.items()})
             if first:
                 alpha_model = trained["dfnet"][0]
-        photos = {f"{split}_photos": read_split(params.data.out_dir, split).num_rows for split in ("train", "val")}
+        photos = {f"{split}_photos": count_rows(params.data.out_dir, split) for split in ("train", "val")}
 
     results: Table = {v.name: aggregate([h.results[v.name] for h in heldouts]) for v in VARIANTS}
     results |= {name: aggregate([heldouts[0].results[name]]) for name in fixed}

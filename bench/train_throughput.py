@@ -37,8 +37,8 @@ import ray
 import torch
 from quality import cpu_name, prepared_data  # noqa: E402  (a sibling script in bench/)
 
-from dfnet.data import read_split
 from dfnet.params import Params, load_params
+from dfnet.storage import count_rows
 from dfnet.training import train
 from pipelines.train import build_trainer, load_checkpoint_state
 
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def bench_params(params: Params, args: argparse.Namespace, workers: int, storage: Path) -> Params:
     """`params` for one fresh (never resumed) epoch of `--warmup` + `--steps` steps per worker."""
-    photos = read_split(params.data.out_dir, "train").num_rows
+    photos = count_rows(params.data.out_dir, "train")
     crops = math.ceil((args.warmup + args.steps) * params.train.batch_size * workers / photos)
     return replace(params, train=replace(
         params.train, epochs=1, crops_per_photo=crops, num_workers=workers, val_max_photos=1,

@@ -1,4 +1,4 @@
-"""Training data: sample photos, stored photos, training crops, deterministic splits, Parquet shards, masks.
+"""Photos: the bundled sample photos, the stored JPEG codec, splits by photo, training crops and masks.
 
 Everything here is plain numpy/Pillow/pyarrow so it can be used (and tested) without Ray;
 ``pipelines/prepare.py`` runs these functions inside Ray Data tasks.
@@ -20,24 +20,16 @@ from typing import Any
 
 import cv2
 import numpy as np
-import pyarrow as pa
-import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 from PIL import Image
 
 from dfnet.images import decode_image
 from dfnet.masks import random_affine
 
 __all__ = [
-    "PARQUET_SCHEMA",
-    "SPLITS",
     "PhotoSource",
     "decode_photo",
     "encode_jpeg",
-    "filesystem_for",
-    "load_photos",
     "quota_splits",
-    "read_split",
     "resize_short_side",
     "sample_photos",
     "split_of",
@@ -45,21 +37,6 @@ __all__ = [
     "train_crop",
     "training_mask",
 ]
-
-SPLITS: tuple[str, ...] = ("train", "val", "test")
-
-#: One row per photo. ``key`` = ``source`` = the photo's key (its path relative to the source
-#: root); ``image`` = JPEG bytes of the photo scaled to the stored short side.
-PARQUET_SCHEMA: pa.Schema = pa.schema(
-    [
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
-        pa.field("split", pa.string(), nullable=False),
-        pa.field("image", pa.binary(), nullable=False),
-        pa.field("height", pa.int32(), nullable=False),
-        pa.field("width", pa.int32(), nullable=False),
-    ]
-)
 
 # Natural photographs that ship inside scikit-image and scikit-learn, keyed by a name that does
 # not depend on where the packages are installed. Left out on purpose: synthetic or drawn images
@@ -149,6 +126,10 @@ class PhotoSource:
             return posixpath.basename(path)
         return path[len(root) + 1 :] if root and path.startswith(root + "/") else path
 
+    def split_of(self, key: str) -> str:
+        """The split of photo ``key``: decided by its key alone, before it is read."""
+        return self.splits[key] if self.splits is not None else split_of(key, self.val_fraction, self.test_fraction)
+
     def row(self, path: str, data: bytes) -> dict[str, Any]:
         """One file -> its row of :data:`PARQUET_SCHEMA` plus ``error``: the reason it is
         unreadable (and no image), or "" for a stored photo."""
@@ -157,8 +138,7 @@ class PhotoSource:
             photo = resize_short_side(decode_photo(data), self.store_short_side, upscale=False)
         except ValueError as exc:
             return {"key": key, "source": key, "split": "", "image": b"", "height": 0, "width": 0, "error": str(exc)}
-        split = self.splits[key] if self.splits is not None else split_of(key, self.val_fraction, self.test_fraction)
-        return {"key": key, "source": key, "split": split, "image": encode_jpeg(photo),
+        return {"key": key, "source": key, "split": self.split_of(key), "image": encode_jpeg(photo),
                 "height": photo.shape[0], "width": photo.shape[1], "error": ""}  # fmt: skip
 
     @classmethod
@@ -284,65 +264,6 @@ def quota_splits(keys: Iterable[str], val_fraction: float, test_fraction: float)
         else:
             result[key] = "train"
     return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Storage
-
-
-def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path inside it for a local path or a URI such as ``s3://``.
-
-    For S3 the endpoint comes from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (S3-compatible
-    stores), the region from ``AWS_REGION``/``AWS_DEFAULT_REGION``. Credentials found in the
-    environment are passed explicitly so the filesystem object carries them when pickled to Ray
-    workers whose environment lacks them; without them the SDK's default chain (config files,
-    instance roles) applies.
-    """
-    uri = str(uri)
-    if uri.startswith("s3://"):
-        env = os.environ
-        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
-        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
-        access_key = env.get("AWS_ACCESS_KEY_ID")
-        secret_key = env.get("AWS_SECRET_ACCESS_KEY")
-        creds: dict[str, str] = {}
-        if access_key and secret_key:
-            creds = {"access_key": access_key, "secret_key": secret_key}
-            if env.get("AWS_SESSION_TOKEN"):
-                creds["session_token"] = env["AWS_SESSION_TOKEN"]
-        fs = pafs.S3FileSystem(endpoint_override=endpoint, region=region, **creds)
-        return fs, uri[len("s3://") :].rstrip("/")
-    if "://" in uri:
-        fs, path = pafs.FileSystem.from_uri(uri)
-        return fs, path.rstrip("/")
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
-
-
-def read_split(root: str, split: str) -> pa.Table:
-    """The Parquet shards of ``{root}/{split}`` as one table, rows in key order.
-
-    ``root`` may be a local folder or a URI (``s3://bucket/prefix``).
-    """
-    filesystem, path = filesystem_for(root)
-    directory = f"{path}/{split}"
-    if filesystem.get_file_info(directory).type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"no Parquet shards in {directory}; run the prepare stage first")
-    dataset = pads.dataset(directory, schema=PARQUET_SCHEMA, format="parquet", filesystem=filesystem)
-    # Shards are named part-0, part-1, ..., part-10: file order is not row order, the key is.
-    return dataset.to_table().sort_by("key")
-
-
-def load_photos(data_dir: str, split: str, short_side: int, limit: int = 0) -> tuple[list[str], list[np.ndarray]]:
-    """(keys, photos) of a prepared split, decoded and scaled to `short_side` (evenly spaced
-    subset of `limit` photos when `limit` > 0)."""
-    table = read_split(data_dir, split)
-    keys, blobs = table.column("key").to_pylist(), table.column("image").to_pylist()
-    picks = range(len(keys))
-    if 0 < limit < len(keys):
-        picks = np.linspace(0, len(keys) - 1, limit).round().astype(int).tolist()
-    photos = [resize_short_side(decode_photo(blobs[i]), short_side) for i in picks]
-    return [keys[i] for i in picks], photos
 
 
 # ---------------------------------------------------------------------------------------------

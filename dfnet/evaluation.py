@@ -26,13 +26,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from dfnet.data import load_photos, resize_short_side, stable_hash
+from dfnet.data import resize_short_side, stable_hash
 from dfnet.inpaint import Inpainter
 from dfnet.masks import HOLE_BINS, evaluation_masks, hole_ratio
 from dfnet.metrics import band_width_for, bpe, l1_percent, psnr, ssim
 from dfnet.model import CONFIG_NAME, DFNet
 from dfnet.params import Params
 from dfnet.pretrained import pretrained_dir, resolve_model_dir
+from dfnet.storage import load_photos
 
 __all__ = [
     "LOWER_IS_BETTER",
@@ -255,24 +256,26 @@ def split_scores(
     short_side: int,
     band_width: int,
     seed: int,
-    max_photos: int = 0,
+    max_photos: int,
     examples: int = 0,
     every_bin: bool = False,
 ) -> tuple[dict[str, dict[str, dict[str, float]]], list[Example], int]:
     """Score `methods` on a prepared split's photos at `short_side`: the one path behind the
     evaluate stage (test photos), training validation (val photos) and the Tune search.
 
-    Up to `max_photos` photos (0 = all, evenly spaced), each with one bin's mask or, with
-    `every_bin`, with every bin's. Returns (per-bin scores as `evaluate_methods` gives them,
-    the examples for a grid, the number of photos scored).
+    A fixed subset of `max_photos` photos (chosen by a hash of `seed` and the key, never by
+    reading the split), each with one bin's mask or, with `every_bin`, with every bin's. Returns
+    (per-bin scores as `evaluate_methods` gives them, the examples for a grid, photos scored).
     """
-    keys, photos = load_photos(data_dir, split, short_side, max_photos)
+    photos = load_photos(data_dir, split, short_side, max_photos, seed)
+    if not photos:
+        return {name: {} for name in methods}, [], 0
     # With under two photos per bin, cycling bins would leave bins empty or resting on one
     # photo (the 15 bundled photos give 2 test photos): then every photo meets every bin.
-    all_bins = every_bin or len(keys) < 2 * len(HOLE_BINS)
-    pairs = evaluation_pairs(dict(zip(keys, photos)), short_side, seed, every_bin=all_bins)
+    all_bins = every_bin or len(photos) < 2 * len(HOLE_BINS)
+    pairs = evaluation_pairs(photos, short_side, seed, every_bin=all_bins)
     per_bin, picked = evaluate_methods(methods, pairs, band_width, examples=examples)
-    return per_bin, picked, len(keys)
+    return per_bin, picked, len(photos)
 
 
 def validation_scores(model: DFNet, params: Params) -> dict[str, float]:
@@ -282,13 +285,13 @@ def validation_scores(model: DFNet, params: Params) -> dict[str, float]:
     t, ev = params.train, params.evaluate
     was_training = model.training
     try:
-        per_bin, _, _ = split_scores(
+        per_bin, _, photos = split_scores(
             {"dfnet": dfnet_method(model)}, params.data.out_dir, "val", t.val_short_side,
             ev.band_width, ev.mask_seed, t.val_max_photos,
         )  # fmt: skip
     finally:
         model.train(was_training)
-    return mean_scores(per_bin["dfnet"].values())
+    return mean_scores(per_bin["dfnet"].values()) if photos else {}
 
 
 # --------------------------------------------------------------------------------- held-out

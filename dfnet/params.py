@@ -75,7 +75,9 @@ class TrainParams:
     # package) instead of a fresh initialisation; None trains from scratch.
     init_from: str | None = "pretrained"
     epochs: int = 2
-    crops_per_photo: int = 4  # an epoch = one pass over this many fresh crops of every photo
+    crops_per_photo: int = 4  # one pass = this many fresh crops of every training photo
+    steps_per_epoch: int | None = None  # None = an epoch is one pass
+    shuffle_buffer_mb: float = 32  # crops shuffled across photos, per data stream
     max_zoom_out: float = 3.0  # crop windows of image_size × [1, this] stored pixels
     batch_size: int = 16  # per worker
     lr: float = 2e-4  # fine-tuning the shipped model; the paper starts at 2e-3
@@ -83,7 +85,7 @@ class TrainParams:
     lr_decay_gamma: float = 0.1
     bn_recalibration_batches: int = 20  # BatchNorm statistics re-estimated after every epoch
     val_short_side: int = 256  # validation scores whole validation photos at this size
-    val_max_photos: int = 0  # 0 = every validation photo
+    val_max_photos: int = 64  # a fixed, seeded subset of the validation photos
     num_workers: int = 1
     loader_workers: int = 0  # DataLoader processes per worker (0: decode in the training process)
     use_gpu: bool = False
@@ -95,15 +97,25 @@ class TrainParams:
     seed: int = 0
     out_dir: str = "models/dfnet"
 
+    def __post_init__(self) -> None:
+        if self.val_max_photos < 1 or (self.steps_per_epoch is not None and self.steps_per_epoch < 1):
+            raise ValueError("params.yaml: train.val_max_photos and train.steps_per_epoch (or null) must be >= 1")
+        if self.shuffle_buffer_mb <= 0:
+            raise ValueError("params.yaml: train.shuffle_buffer_mb must be > 0")
+
 
 @dataclass
 class EvaluateParams:
     band_width: int = 5  # BPE band in px at 256 (short side), scaled with resolution
     sizes: list[int] = field(default_factory=lambda: [256, 512])  # whole photos, short side
-    max_photos: int = 24  # held-out photos scored per size (0 = all)
+    max_photos: int = 24  # a fixed, seeded subset of the test photos, scored at every size
     mask_seed: int = 0  # the fixed (photo, mask) pairs
     grid_rows: int = 6
     out_dir: str = "metrics"
+
+    def __post_init__(self) -> None:
+        if self.max_photos < 1:
+            raise ValueError("params.yaml: evaluate.max_photos must be >= 1 (a bounded, seeded subset)")
 
 
 @dataclass

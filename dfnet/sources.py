@@ -3,7 +3,7 @@
 checkpoint (local or on S3, converted on load), or ``pretrained`` (the model shipped with the
 package).
 
-S3 goes through ``pyarrow.fs`` (:func:`dfnet.data.filesystem_for`: endpoint from
+S3 goes through ``pyarrow.fs`` (:func:`dfnet.storage.filesystem_for`: endpoint from
 AWS_ENDPOINT_URL, so S3-compatible stores work). Registered MLflow models (``models:/...``) are
 resolved to a local directory by ``tracking.registry`` first: this package imports no MLflow.
 """
@@ -17,9 +17,9 @@ from pathlib import Path, PurePosixPath
 import pyarrow.fs as pafs
 import torch
 
-from dfnet.data import filesystem_for
 from dfnet.model import CONFIG_NAME, PRESETS, WEIGHTS_NAME, DFNet, import_official_checkpoint
 from dfnet.pretrained import resolve_model_dir
+from dfnet.storage import filesystem_for
 
 __all__ = ["load_model", "preset_name"]
 

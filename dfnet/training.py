@@ -2,12 +2,13 @@
 
     python -m dfnet.training [--params params.yaml] [--run-dir runs/plain] [--device cuda]
 
-:func:`train` owns everything a training run is: the model, the loss, the shuffled stream of
-photo crops (:mod:`dfnet.train_data`), Adam with the paper's step schedule, mixed precision,
-the resumable state, BatchNorm recalibration and the per-epoch validation on whole held-out
-photos. Callers only decide where things go: the Ray Train worker (`pipelines/train.py`) passes
-its rank, DDP wrapper and a callback that reports checkpoints to Ray; the command line above
-saves the state to a local folder and resumes from it; the benchmarks call it directly.
+:func:`train` owns everything a training run is: the model, the loss, the batches of photo
+crops (the plain stream of :mod:`dfnet.train_data`, or a Ray Data shard the caller passes), Adam
+with the paper's step schedule, mixed precision, the resumable state, BatchNorm recalibration and
+the per-epoch validation on held-out photos. Callers only decide where things go: the Ray Train
+worker (`pipelines/train.py`) passes its rank, DDP wrapper, dataset shard and a callback that
+reports checkpoints to Ray; the command line above saves the state to a local folder and resumes
+from it; the benchmarks call it directly.
 """
 
 from __future__ import annotations
@@ -15,25 +16,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
-from dfnet.data import filesystem_for, read_split
 from dfnet.evaluation import validation_scores
 from dfnet.losses import DFNetLoss
-from dfnet.masks import load_masks
 from dfnet.model import DFNet
 from dfnet.params import Params, TrainParams, load_params
-from dfnet.train_data import set_epoch, training_loader
+from dfnet.storage import filesystem_for
+from dfnet.train_data import Batch, CropStream, TrainingCrops, crop_batches, shuffle_buffer_items
 
 log = logging.getLogger("dfnet.training")
 
@@ -43,6 +43,11 @@ _NOT_IDENTITY = (
 )  # fmt: skip
 #: A training run's resumable state: model, optimizer, scheduler, step, epoch, history, extra.
 State = dict[str, Any]
+#: ``(epoch, pass) -> the batches of one pass over the training photos``: the plain stream
+#: (:func:`plain_batches`) or a Ray Train worker's dataset shard.
+BatchSource = Callable[[int, int], Iterable[Batch]]
+#: The pass whose batches re-estimate BatchNorm statistics after an epoch (not a training pass).
+_RECALIBRATION_PASS = 2**31 - 1
 #: Called at the end of every epoch on every rank with (metrics, state); rank 0's state is the
 #: checkpoint. Ray Train's worker reports both to Ray; the command line saves the state.
 EpochCallback = Callable[[dict[str, float], State], None]
@@ -106,14 +111,14 @@ def _step(
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, batches: int, device: torch.device) -> None:
-    """Re-estimate BatchNorm running statistics as a plain average over shuffled batches.
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Batch], count: int, device: torch.device) -> None:
+    """Re-estimate BatchNorm running statistics as a plain average over `count` shuffled batches.
 
     Training updates them with momentum, so they lean towards the last few batches; inference
     normalises with them, so they should describe the data as a whole.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms or batches < 1:
+    if not norms or count < 1:
         return
     saved = [m.momentum for m in norms]
     for m in norms:
@@ -121,13 +126,37 @@ def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, batches: int, de
         m.momentum = None  # cumulative moving average
     was_training = model.training
     model.train()
-    for index, (images, masks, _) in enumerate(loader):
-        if index >= batches:
-            break
+    for images, masks, _ in itertools.islice(batches, count):
         model(images.to(device), masks.to(device))
     model.train(was_training)
     for m, momentum in zip(norms, saved):
         m.momentum = momentum
+
+
+def plain_batches(params: Params) -> BatchSource:
+    """The training split as a stream without Ray: :class:`CropStream` in DataLoader workers."""
+    t = params.train
+    crops = TrainingCrops(params.masks.out, params.data.image_size, t.crops_per_photo, t.max_zoom_out)
+    buffer = shuffle_buffer_items(t.shuffle_buffer_mb, params.data.image_size)
+    return crop_batches(CropStream(params.data.out_dir, crops, buffer, t.seed), t.batch_size, t.loader_workers)
+
+
+def epoch_batches(source: BatchSource, epoch: int, steps: int | None) -> Iterator[Batch]:
+    """Epoch `epoch`'s batches: one pass when `steps` is None, else exactly `steps` batches,
+    going on into further passes (each drawn afresh) when a pass is shorter."""
+    taken, pass_index = 0, 0
+    while steps is None or taken < steps:
+        before = taken
+        for batch in source(epoch, pass_index):
+            yield batch
+            taken += 1
+            if taken == steps:
+                return
+        if taken == before:
+            raise ValueError("the training split gives no full batch: is it empty, or train.batch_size too large?")
+        if steps is None:
+            return
+        pass_index += 1
 
 
 def code_version() -> str:
@@ -175,10 +204,37 @@ def sample_grid(model: DFNet, images: Tensor, masks: Tensor, rows: int = 6) -> I
     return Image.fromarray(grid.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
 
 
+class _Interval:
+    """Images per second and the share of time spent waiting for batches, between records."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.images, self.waited = time.perf_counter(), 0, 0.0
+
+    def timed(self, batches: Iterable[Batch]) -> Iterator[Batch]:
+        iterator = iter(batches)
+        while True:
+            ready = time.perf_counter()
+            batch = next(iterator, None)
+            self.waited += time.perf_counter() - ready
+            if batch is None:
+                return
+            yield batch
+
+    def rates(self) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.start
+        rates = {"images_per_s": self.images / elapsed, "data_wait": self.waited / elapsed}
+        self.reset()
+        return rates
+
+
 def train(
     params: Params,
     device: torch.device | str = "cpu",
     *,
+    batches: BatchSource | None = None,
     resume: State | None = None,
     on_epoch: EpochCallback | None = None,
     on_log: Callable[[dict[str, float]], None] | None = None,
@@ -189,9 +245,11 @@ def train(
 ) -> State:
     """Train `params` to `params.train.epochs` epochs and return the final state.
 
-    An epoch is one pass over `crops_per_photo` fresh crops of every training photo, shuffled
-    across photos; the state of the epoch's end (BatchNorm recalibrated, so it is what
-    inference will see) goes to `on_epoch` with the validation metrics of rank 0.
+    `batches` is where the crops come from (default: the plain stream over the prepared shards).
+    An epoch is `train.steps_per_epoch` steps, or one pass when that is null; its end state
+    (BatchNorm recalibrated, as inference will see it) goes to `on_epoch` with rank 0's
+    validation metrics. Each log record carries `data_wait`: the share of the interval's time
+    spent waiting for batches.
     """
     device = torch.device(device)
     t = params.train
@@ -217,54 +275,41 @@ def train(
     state["extra"]["vgg_provenance"] = loss_fn.provenance  # which texture loss really ran
     bare = model
     model = wrap_model(model)
+    source = batches or plain_batches(params)
+    of_steps = f"/{t.steps_per_epoch}" if t.steps_per_epoch else ""
 
-    fs, masks_path = filesystem_for(params.masks.out)
-    with fs.open_input_file(masks_path) as stream:
-        pool = load_masks(stream)["pool"]
-    loader = training_loader(
-        params.data.out_dir, pool, params.data.image_size, t.batch_size,
-        crops_per_photo=t.crops_per_photo, seed=t.seed, rank=rank, world=world,
-        workers=t.loader_workers, max_zoom_out=t.max_zoom_out,
-    )  # fmt: skip
-    # Rank 0 validates (the other ranks report no metrics), when there are validation photos.
-    val_photos = read_split(params.data.out_dir, "val").num_rows if rank == 0 else 0
-    steps_per_epoch = len(loader)
-    log.info(
-        "[rank %d] %d training photos × %d crops → %d steps per epoch of %d, %d validation photos",
-        rank, len(loader.dataset.photos), t.crops_per_photo, steps_per_epoch, t.batch_size, val_photos,
-    )  # fmt: skip
+    def report(epoch: int, index: int, losses: dict[str, float], meter: _Interval) -> None:
+        record = {"step": state["step"], "epoch": epoch, "lr": scheduler.get_last_lr()[0], **meter.rates(),
+                  **{f"loss_{k}": v for k, v in losses.items()}}  # fmt: skip
+        state["history"].append(record)
+        if rank == 0:
+            log.info(
+                "epoch %d step %d%s loss %.4f (%.1f img/s, %.0f%% of the time waiting for data)", epoch, index,
+                of_steps, losses["total"], record["images_per_s"], 100 * record["data_wait"],
+            )  # fmt: skip
+            if on_log:
+                on_log(record)
 
     while state["epoch"] < t.epochs:
         epoch = state["epoch"]
-        set_epoch(loader, epoch)
-        tick, seen, losses = time.perf_counter(), 0, {}
-        for index, (images, masks, _) in enumerate(loader, start=1):
-            images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+        losses: dict[str, float] = {}
+        images = masks = torch.empty(0)
+        meter, index = _Interval(), 0
+        for index, batch in enumerate(meter.timed(epoch_batches(source, epoch, t.steps_per_epoch)), start=1):
+            images, masks = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
             losses = _step(model, loss_fn, optimizer, images, masks, scaler, amp)
             state["step"] += 1
-            seen += len(images) * world
-            if index % log_every == 0 or index == steps_per_epoch:
-                record = {
-                    "step": state["step"],
-                    "epoch": epoch,
-                    "lr": scheduler.get_last_lr()[0],
-                    "images_per_s": seen / (time.perf_counter() - tick),
-                    **{f"loss_{k}": v for k, v in losses.items()},
-                }
-                state["history"].append(record)
-                if rank == 0:
-                    log.info(
-                        "epoch %d step %d/%d loss %.4f (%.1f img/s)", epoch, index, steps_per_epoch,
-                        losses["total"], record["images_per_s"],
-                    )  # fmt: skip
-                    if on_log:
-                        on_log(record)
+            meter.images += len(images) * world
+            if index % log_every == 0:
+                report(epoch, index, losses, meter)
+        if index % log_every:
+            report(epoch, index, losses, meter)  # the epoch's last steps
         scheduler.step()
-        recalibrate_batchnorm(bare, loader, t.bn_recalibration_batches, device)
+        recalibrate_batchnorm(bare, source(epoch, _RECALIBRATION_PASS), t.bn_recalibration_batches, device)
         state["epoch"] = epoch + 1
         metrics: dict[str, float] = {"step": state["step"], "epoch": epoch, "loss": losses.get("total", float("nan"))}
-        if val_photos:
-            validation = {f"val_{k}": v for k, v in validation_scores(bare, params).items()}
+        validation = {f"val_{k}": v for k, v in validation_scores(bare, params).items()} if rank == 0 else {}
+        if validation:
             metrics.update(validation)
             state["history"].append({"step": state["step"], "epoch": epoch, **validation})
             log.info("epoch %d validation: %s", epoch, " ".join(f"{k}={v:.3f}" for k, v in validation.items()))

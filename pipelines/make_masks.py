@@ -24,9 +24,9 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image
 
-from dfnet.data import filesystem_for
 from dfnet.masks import hole_ratio, mask_pool, save_masks
 from dfnet.params import MaskParams
+from dfnet.storage import filesystem_for
 from pipelines import stage_params
 
 log = logging.getLogger("pipelines.make_masks")

@@ -3,9 +3,12 @@
     python -m pipelines.train [--params params.yaml]
 
 A `TorchTrainer` runs the library's one training loop (`dfnet.training.train`) on
-`train.num_workers` workers (gloo on CPU, NCCL on GPU): each worker reads the training photos,
-Ray wraps the model in DDP, and at every epoch's end rank 0 reports a checkpoint (the loop's
-state) and the validation metrics to the run's storage (`train.storage_path`, local or s3://).
+`train.num_workers` workers (gloo on CPU, NCCL on GPU). The photos come from Ray Data: the
+training shards are read lazily (local or s3://) in a seeded file order, decoded, cropped and
+masked in CPU tasks on any node (`dfnet.train_data.TrainingCrops`), and each worker iterates its
+own share through a seeded shuffle buffer. Ray wraps the model in DDP, and at every epoch's end
+rank 0 reports a checkpoint (the loop's state) and the validation metrics to the run's storage
+(`train.storage_path`, local or s3://).
 The run is named after what determines the weights — parameters, code and data versions — so
 rerunning after a crash continues the last checkpoint while any change starts a new run. The
 finished model is written as a model directory to `train.out_dir`; curves and sample grids go
@@ -14,11 +17,13 @@ to `metrics/`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +31,14 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+from ray.data import FileShuffleConfig
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
 from dfnet.params import Params, parse_params
 from dfnet.reports import write_training_report
-from dfnet.training import State, checkpoint_state, export_model, run_identity, train
+from dfnet.storage import filesystem_for
+from dfnet.train_data import Batch, TrainingCrops, as_batch, shuffle_buffer_items
+from dfnet.training import BatchSource, State, checkpoint_state, export_model, run_identity, train
 from pipelines import ensure_ray, stage_params
 
 log = logging.getLogger("dfnet.train")
@@ -50,6 +58,43 @@ def _start_mlflow(config: dict[str, Any], params: Params, run_id: str | None) ->
     flat = {f"{section}.{k}": v for section, values in params.to_dict().items() for k, v in values.items()}
     mlflow.log_params({**flat, "ray_run": config["name"]})
     return run
+
+
+def _crop_batch(batch: dict[str, Any], crops: TrainingCrops, seed: int) -> dict[str, Any]:
+    # Ray Data counts the dataset's executions (one per epoch or recalibration pass, and its
+    # file shuffle reseeds with it): the same count makes every pass draw new crops and masks.
+    passes = ray.data.DataContext.get_current()._execution_idx
+    return crops.batch(batch["key"], batch["image"], (seed, passes))
+
+
+def crop_dataset(params: Params) -> ray.data.Dataset:
+    """The training crops as a lazy Ray Data pipeline: shards in a seeded order per pass,
+    `crops_per_photo` crops and masks of each photo in CPU tasks that may run on any node."""
+    t, data = params.train, params.data
+    fs, root = filesystem_for(data.out_dir)
+    crops = TrainingCrops(_absolute(params.masks.out), data.image_size, t.crops_per_photo, t.max_zoom_out)
+    photos = ray.data.read_parquet(
+        f"{root}/train", filesystem=fs, columns=["key", "image"], shuffle=FileShuffleConfig(seed=t.seed)
+    )
+    # A few photos per task keep output blocks small (16 crops of 512² are 16 MB).
+    return photos.map_batches(_crop_batch, fn_args=(crops, t.seed), batch_size=4, batch_format="numpy")
+
+
+def shard_batches(params: Params, rank: int) -> BatchSource:
+    """A worker's batch source: its shard of the dataset `crop_dataset` built, one pass per call,
+    through a shuffle buffer seeded by (seed, rank, epoch, pass)."""
+    t = params.train
+    shard = ray.train.get_dataset_shard("train")
+    buffer = shuffle_buffer_items(t.shuffle_buffer_mb, params.data.image_size)
+
+    def batches(epoch: int, pass_index: int) -> Iterator[Batch]:
+        seed = int.from_bytes(hashlib.sha256(f"{t.seed}:{rank}:{epoch}:{pass_index}".encode()).digest()[:4], "big")
+        columns = shard.iter_torch_batches(
+            batch_size=t.batch_size, drop_last=True, local_shuffle_buffer_size=buffer, local_shuffle_seed=seed
+        )
+        return (as_batch(c) for c in columns)
+
+    return batches
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -90,6 +135,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train(
         params,
         ray.train.torch.get_device(),
+        batches=shard_batches(params, rank),
         resume=resume,
         on_epoch=on_epoch,
         on_log=on_log,
@@ -124,6 +170,7 @@ def build_trainer(params: Params, extra_config: dict[str, Any] | None = None) ->
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
+        datasets={"train": crop_dataset(params)},
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
             use_gpu=t.use_gpu,
@@ -171,8 +218,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _remove_run(storage_path: str, name: str) -> None:
-    from dfnet.data import filesystem_for
-
     fs, root = filesystem_for(_absolute(storage_path))
     target = f"{root.rstrip('/')}/{name}"
     if fs.get_file_info(target).type.name != "NotFound":

@@ -200,8 +200,9 @@ def s3_server(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     return S3Server(endpoint_url=moto_endpoint, bucket=bucket, client=client)
 
 
-def write_prepared_split(root: Any, split: str, photos: list[Any]) -> None:
-    """A prepared split as the prepare stage writes it: one Parquet row per (HxWx3 uint8) photo.
+def write_prepared_split(root: Any, split: str, photos: list[Any], shard_rows: int = 0) -> None:
+    """A prepared split as the prepare stage writes it: one Parquet row per (HxWx3 uint8) photo,
+    in shards of `shard_rows` photos (0: one shard).
 
     `root` is a local folder or a URI such as ``s3://bucket/prepared``.
     """
@@ -209,8 +210,8 @@ def write_prepared_split(root: Any, split: str, photos: list[Any]) -> None:
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
-    from dfnet.data import PARQUET_SCHEMA, filesystem_for
     from dfnet.images import encode_png
+    from dfnet.storage import PARQUET_SCHEMA, filesystem_for
 
     fs, base = filesystem_for(str(root))
     directory = f"{base}/{split}"
@@ -221,8 +222,21 @@ def write_prepared_split(root: Any, split: str, photos: list[Any]) -> None:
          "image": encode_png(photo), "height": photo.shape[0], "width": photo.shape[1]}
         for i, photo in enumerate(photos)
     ]  # fmt: skip
-    table = pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA)
-    pq.write_table(table, f"{directory}/part-00000.parquet", filesystem=fs)
+    step = shard_rows or max(1, len(rows))
+    for part, start in enumerate(range(0, max(1, len(rows)), step)):
+        table = pa.Table.from_pylist(rows[start : start + step], schema=PARQUET_SCHEMA)
+        pq.write_table(table, f"{directory}/part-{part:06d}.parquet", filesystem=fs)
+
+
+def split_table(root: Any, split: str) -> Any:
+    """A whole prepared split as one Arrow table in key order: for checking small test data
+    (the library itself never reads a whole split)."""
+    import pyarrow.dataset as pads
+
+    from dfnet.storage import PARQUET_SCHEMA, split_files
+
+    fs, files = split_files(str(root), split)
+    return pads.dataset(files, schema=PARQUET_SCHEMA, format="parquet", filesystem=fs).to_table().sort_by("key")
 
 
 @pytest.fixture

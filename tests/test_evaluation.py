@@ -1,7 +1,7 @@
 """Whole-photo evaluation (dfnet/evaluation.py) and the evaluate stage on a tiny prepared split.
 
 The split is written here: a few smooth synthetic photos of different aspect ratios, stored as
-JPEG rows of `dfnet.data.PARQUET_SCHEMA`, the way the prepare stage stores them.
+JPEG rows of `dfnet.storage.PARQUET_SCHEMA`, the way the prepare stage stores them.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from dfnet.data import PARQUET_SCHEMA, encode_jpeg
+from dfnet.data import encode_jpeg
 from dfnet.evaluation import (
     METRICS,
     PSNR_CAP_DB,
@@ -38,6 +38,7 @@ from dfnet.evaluation import (
 from dfnet.masks import HOLE_BINS, hole_ratio
 from dfnet.model import build_model
 from dfnet.params import parse_params
+from dfnet.storage import PARQUET_SCHEMA
 
 SHAPES = {
     "a-wide.jpg": (96, 128),

@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 import yaml
 
-from dfnet.data import read_split
 from dfnet.evaluation import METRICS, bin_label
 from dfnet.images import decode_image
 from dfnet.inpaint import Inpainter
 from dfnet.masks import HOLE_BINS, evaluation_masks
+from dfnet.storage import count_rows
 
 pytestmark = pytest.mark.slow
 
@@ -119,12 +119,12 @@ def test_repro_runs_every_stage_and_writes_eval_metrics(repo, first_repro):
                 assert all(np.isfinite(scores[m]) for m in METRICS), (method, size, label, scores)
         assert set(evaluation[method]["mean"]) == set(METRICS)
     train = json.loads((repo.root / "metrics/train.json").read_text())
-    photos = read_split(str(repo.root / "data/prepared"), "train").num_rows
+    photos = count_rows(str(repo.root / "data/prepared"), "train")
     t = TINY["train"]
     assert train["steps"] == t["epochs"] * (photos * t["crops_per_photo"] // t["batch_size"])
     corpus = json.loads((repo.root / "data/corpus/report.json").read_text())
     assert corpus["total_photos"] == photos + sum(
-        read_split(str(repo.root / "data/prepared"), s).num_rows for s in ("val", "test")
+        count_rows(str(repo.root / "data/prepared"), s) for s in ("val", "test")
     )
     assert (repo.root / "docs/corpus-manifest.tsv").read_text().count("\n") == corpus["total_photos"] + 1
     assert (repo.root / "models/dfnet/model.safetensors").is_file()

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dfnet import data
+from conftest import split_table
+from dfnet import data, storage
 from dfnet.images import decode_image
 from dfnet.masks import hole_ratio, load_masks
 from dfnet.params import DataParams, MaskParams
@@ -61,7 +63,7 @@ def _write_folder(root: Path) -> Path:
 
 
 def _read_all(out_dir: str) -> dict[str, pa.Table]:
-    return {split: data.read_split(out_dir, split) for split in data.SPLITS}
+    return {split: split_table(out_dir, split) for split in storage.SPLITS}
 
 
 def _check_tables(tables: dict[str, pa.Table], expected_split: dict[str, str], originals: dict[str, bytes]) -> None:
@@ -69,7 +71,7 @@ def _check_tables(tables: dict[str, pa.Table], expected_split: dict[str, str], o
     short side (never up), its pixels those of the original (through JPEG)."""
     seen_keys: set[str] = set()
     for split, table in tables.items():
-        assert table.schema.equals(data.PARQUET_SCHEMA)
+        assert table.schema.equals(storage.PARQUET_SCHEMA)
         rows = table.to_pylist()
         for row in rows:
             assert row["split"] == split == expected_split[row["source"]]
@@ -80,8 +82,6 @@ def _check_tables(tables: dict[str, pa.Table], expected_split: dict[str, str], o
             # The stored pixels are exactly the scaled original through the stage's JPEG encoding.
             np.testing.assert_array_equal(image, decode_image(data.encode_jpeg(expected)))
         seen_keys.update(table.column("key").to_pylist())
-        keys = [r["key"] for r in rows]
-        assert keys == sorted(keys)  # in key order: reruns write identical tables
     assert len(seen_keys) == sum(t.num_rows for t in tables.values())  # a photo lands once
 
 
@@ -121,7 +121,14 @@ def test_prepare_folder_skips_bad_files_and_is_deterministic(ray_local, tmp_path
     (stale / "part-99.parquet").write_bytes(b"stale")
     assert prepare(second)["splits"] == report["splits"]
     again = _read_all(second.out_dir)
-    assert all(again[s].equals(tables[s]) for s in data.SPLITS)
+    assert all(again[s].equals(tables[s]) for s in storage.SPLITS)
+    for split in storage.SPLITS:  # the same shards, byte for byte, each in key order
+        first_parts = sorted((tmp_path / "out1" / split).glob("*.parquet"))
+        assert [p.name for p in first_parts] == sorted(p.name for p in (tmp_path / "out2" / split).glob("*.parquet"))
+        for part in first_parts:
+            assert part.read_bytes() == (tmp_path / "out2" / split / part.name).read_bytes()
+            keys = pq.read_table(part).column("key").to_pylist()
+            assert keys == sorted(keys)
 
 
 def test_prepare_sample_source(ray_local, tmp_path):

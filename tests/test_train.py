@@ -23,10 +23,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dfnet.data import read_split
 from dfnet.losses import DFNetLoss
 from dfnet.model import DFNet, read_model_config
 from dfnet.params import Params, load_params, parse_params
+from dfnet.storage import count_rows
 from dfnet.training import export_model, run_identity
 from pipelines.make_masks import make_masks
 from pipelines.prepare import prepare
@@ -82,7 +82,7 @@ def split_history(history: list[dict[str, Any]]) -> tuple[list[dict], list[dict]
 
 def steps_per_epoch(params: Params) -> int:
     """What the loop makes of the prepared photos: one pass over crops_per_photo crops each."""
-    photos = read_split(params.data.out_dir, "train").num_rows
+    photos = count_rows(params.data.out_dir, "train")
     return photos * params.train.crops_per_photo // (params.train.batch_size * params.train.num_workers)
 
 
@@ -179,7 +179,8 @@ def test_training_is_logged_to_mlflow(first_run):
     state = load_checkpoint_state(result.checkpoint)
     run = mlflow_run(params)
     assert run.info.run_id == state["extra"]["mlflow_run_id"]
-    assert {"loss_total", "val_l1", "val_bpe"} <= set(run.data.metrics)
+    assert {"loss_total", "val_l1", "val_bpe", "data_wait"} <= set(run.data.metrics)
+    assert 0 <= run.data.metrics["data_wait"] < 1  # the share of time the worker waited for Ray Data
     assert run.data.params["loss.vgg_provenance"] == DFNetLoss(params.loss).provenance
     assert run.data.params["train.batch_size"] == str(params.train.batch_size)
     spe = steps_per_epoch(params)

@@ -16,10 +16,13 @@ from torch import nn
 
 from dfnet.masks import mask_pool, save_masks
 from dfnet.params import Params, parse_params
-from dfnet.train_data import PhotoCrops, set_epoch, training_loader
+from dfnet.train_data import photo_id
 from dfnet.training import (
+    BatchSource,
     checkpoint_state,
     code_version,
+    epoch_batches,
+    plain_batches,
     recalibrate_batchnorm,
     run_identity,
     train,
@@ -57,59 +60,72 @@ def _params(root: Path, **train: object) -> Params:
 
 @pytest.fixture
 def data_root(tmp_path: Path, prepared_split) -> Path:
-    prepared_split(tmp_path / "prepared", "train", _photos(24))
+    prepared_split(tmp_path / "prepared", "train", _photos(24), shard_rows=5)
     prepared_split(tmp_path / "prepared", "val", _photos(2, seed=1))
     (tmp_path / "prepared" / "report.json").write_text(json.dumps({"photos": 26}))
     save_masks(tmp_path / "masks.npz", {"pool": mask_pool(30, SIZE, SIZE, seed=0)})
     return tmp_path
 
 
-def _loader(root: Path, **kwargs: object):
-    from dfnet.masks import load_masks
+def _source(root: Path, **train: object) -> BatchSource:
+    # A buffer of 32 crops (16 photos' worth): batches must mix photos through a small buffer too.
+    return plain_batches(_params(root, seed=3, shuffle_buffer_mb=32 * 4 * SIZE * SIZE / 2**20, **train))
 
-    pool = load_masks(root / "masks.npz")["pool"]
-    return training_loader(str(root / "prepared"), pool, SIZE, 8, crops_per_photo=2, seed=3, **kwargs)
+
+def _keys(count: int) -> dict[int, str]:
+    return {photo_id(f"train/{i:04d}.png"): f"train/{i:04d}.png" for i in range(count)}
 
 
 def test_every_batch_mixes_photos_and_an_epoch_is_one_pass(data_root: Path) -> None:
-    loader = _loader(data_root)
-    set_epoch(loader, 0)
     seen: Counter[int] = Counter()
-    for images, masks, photos in loader:
+    for images, masks, photos in epoch_batches(_source(data_root), 0, None):
         assert images.shape == (8, 3, SIZE, SIZE) and masks.shape == (8, 1, SIZE, SIZE)
+        assert images.dtype == masks.dtype == torch.float32 and 0 <= images.min() and images.max() <= 1
         # A batch of crops of one photo is what made BatchNorm strip colours: never again.
         assert len(set(photos.tolist())) >= 4, f"batch drawn from too few photos: {photos.tolist()}"
         # Colour statistics differ inside a batch (one photo's crops would share them).
         assert images.mean(dim=(2, 3)).std(dim=0).max() > 0.1
         seen.update(photos.tolist())
-    assert sorted(seen) == list(range(24)) and set(seen.values()) == {2}  # every photo, crops_per_photo times
+    assert set(seen) == set(_keys(24)) and set(seen.values()) == {2}  # every photo, crops_per_photo times
 
 
 def test_each_epoch_reshuffles_and_redraws_crops_and_masks(data_root: Path) -> None:
-    loader = _loader(data_root)
-    set_epoch(loader, 0)
-    first_images, first_masks, first_order = next(iter(loader))
-    set_epoch(loader, 0)
-    again_images, _, again_order = next(iter(loader))
+    source = _source(data_root)
+    first_images, first_masks, first_order = next(iter(source(0, 0)))
+    again_images, _, again_order = next(iter(source(0, 0)))
     assert torch.equal(first_order, again_order) and torch.equal(first_images, again_images)  # seeded
-    set_epoch(loader, 1)
-    _, second_masks, second_order = next(iter(loader))
-    assert not torch.equal(first_order, second_order)
-    assert not torch.equal(first_masks, second_masks)
-    dataset: PhotoCrops = loader.dataset  # the same item, another epoch: another crop
-    dataset.set_epoch(0)
-    crop0 = dataset[5][0]
-    dataset.set_epoch(1)
-    assert not torch.equal(crop0, dataset[5][0])
+    for other in (source(1, 0), source(0, 1)):  # another epoch, or another pass of one epoch
+        _, other_masks, other_order = next(iter(other))
+        assert not torch.equal(first_order, other_order)
+        assert not torch.equal(first_masks, other_masks)
 
 
-def test_workers_of_one_run_get_disjoint_shares(data_root: Path) -> None:
-    shares = []
-    for rank in range(2):
-        loader = _loader(data_root, rank=rank, world=2)
-        set_epoch(loader, 0)
-        shares.append(list(loader.sampler))
-    assert len(shares[0]) == len(shares[1]) == 24 and not set(shares[0]) & set(shares[1])
+def test_loader_processes_share_the_shards_and_see_every_photo(data_root: Path) -> None:
+    seen: Counter[int] = Counter()
+    for _, _, photos in epoch_batches(_source(data_root, loader_workers=2), 0, None):
+        seen.update(photos.tolist())
+    # Two processes over five shards (3 and 2): each batches its own crops, so drop_last costs
+    # each at most one partial batch; no crop comes twice.
+    assert set(seen) <= set(_keys(24)) and set(seen.values()) <= {1, 2}
+    assert 48 - 2 * 7 <= sum(seen.values()) <= 48 and sum(seen.values()) % 8 == 0 and len(seen) >= 20
+
+
+def test_an_epoch_of_fixed_steps_goes_on_into_further_passes(data_root: Path) -> None:
+    source = _source(data_root)
+    one_pass = [photos for _, _, photos in epoch_batches(source, 0, None)]
+    assert len(one_pass) == 6  # 24 photos x 2 crops in batches of 8
+    ten = [photos for _, _, photos in epoch_batches(source, 0, 10)]
+    assert len(ten) == 10
+    assert all(torch.equal(a, b) for a, b in zip(ten, one_pass))  # the first pass, then a fresh one
+    assert not torch.equal(ten[6], one_pass[0])
+    assert [len(list(epoch_batches(source, 0, n))) for n in (1, 3)] == [1, 3]
+
+
+def test_an_empty_training_split_is_a_clear_error(tmp_path: Path, prepared_split) -> None:
+    prepared_split(tmp_path / "prepared", "train", [])
+    save_masks(tmp_path / "masks.npz", {"pool": mask_pool(3, SIZE, SIZE, seed=0)})
+    with pytest.raises(ValueError, match="no full batch"):
+        next(epoch_batches(_source(tmp_path), 0, 5))
 
 
 def test_recalibrated_batchnorm_averages_over_all_batches() -> None:
@@ -123,19 +139,22 @@ def test_recalibrated_batchnorm_averages_over_all_batches() -> None:
 
     batches = [(torch.full((2, 3, 4, 4), float(v)), torch.ones(2, 1, 4, 4), torch.zeros(2)) for v in (1, 2, 3, 10)]
     probe = Probe()
-    recalibrate_batchnorm(probe, batches, batches=3, device=torch.device("cpu"))
+    recalibrate_batchnorm(probe, batches, 3, device=torch.device("cpu"))
     # A plain mean of the first three batch means; momentum 0.1 would have given 0.56.
     assert torch.allclose(probe.norm.running_mean, torch.full((3,), 2.0))
     assert probe.norm.momentum == 0.1  # restored for further training
 
 
 def test_resume_continues_the_same_run(data_root: Path) -> None:
+    # Epochs of 4 steps (shorter than a pass of 6): a resumed run must go on with epoch 1's
+    # batches, not start the data over, to end with the same weights.
     reports: list[dict] = []
-    straight = train(_params(data_root, epochs=2), on_epoch=lambda m, s: reports.append(m))
+    straight = train(_params(data_root, epochs=2, steps_per_epoch=4), on_epoch=lambda m, s: reports.append(m))
     assert [r["epoch"] for r in reports] == [0, 1] and {"val_l1", "val_bpe"} <= set(reports[-1])
-    half = train(_params(data_root, epochs=1))
-    resumed = train(_params(data_root, epochs=2), resume=checkpoint_state(half))
-    assert resumed["step"] == straight["step"] == 2 * half["step"] > 0
+    assert all(0 <= h["data_wait"] < 1 for h in straight["history"] if "data_wait" in h)
+    half = train(_params(data_root, epochs=1, steps_per_epoch=4))
+    resumed = train(_params(data_root, epochs=2, steps_per_epoch=4), resume=checkpoint_state(half))
+    assert resumed["step"] == straight["step"] == 2 * half["step"] == 8
     for key, value in straight["model"].items():
         assert torch.allclose(value.float(), resumed["model"][key].float(), atol=1e-5), key
 

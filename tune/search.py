@@ -54,11 +54,11 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from dfnet.data import filesystem_for
 from dfnet.evaluation import LOWER_IS_BETTER, dfnet_method, evaluate_heldout, overall_mean
 from dfnet.losses import load_vgg16_features
 from dfnet.model import PRESETS, DFNet
 from dfnet.params import Params, load_params, parse_params
+from dfnet.storage import filesystem_for
 from dfnet.training import export_model
 from pipelines.train import build_trainer, load_checkpoint_state
 from tracking import registry
