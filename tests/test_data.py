@@ -9,13 +9,10 @@ import sys
 
 import cv2
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dfnet import data
-from dfnet.images import encode_png
+from dfnet import data, storage
 from dfnet.masks import mask_pool
 
 
@@ -123,7 +120,7 @@ def test_split_of_is_deterministic_across_processes():
 
 def test_split_of_matches_fractions():
     keys = [f"dir/img_{i}.png" for i in range(1000)]
-    counts = {s: 0 for s in data.SPLITS}
+    counts = {s: 0 for s in storage.SPLITS}
     for key in keys:
         counts[data.split_of(key, 0.15, 0.25)] += 1
     assert abs(counts["val"] - 150) < 40
@@ -138,7 +135,7 @@ def test_sample_quotas_fill_every_split_once():
     keys = list(data.sample_photos())
     splits = data.quota_splits(keys, 0.15, 0.15)
     assert set(splits) == set(keys)  # every photo gets exactly one split
-    by_split = {s: [k for k, v in splits.items() if v == s] for s in data.SPLITS}
+    by_split = {s: [k for k, v in splits.items() if v == s] for s in storage.SPLITS}
     assert all(len(v) >= 1 for v in by_split.values())
     n = len(keys)
     assert len(by_split["test"]) == max(1, round(n * 0.15))
@@ -151,48 +148,6 @@ def test_quotas_on_tiny_sets_keep_a_training_photo():
     two = data.quota_splits(["a", "b"], 0.1, 0.1)
     assert "train" in two.values() and len(two) == 2
     assert set(data.quota_splits(["a", "b", "c"], 0.0, 0.1).values()) == {"train", "test"}
-
-
-# --- Parquet ------------------------------------------------------------------------------
-
-
-def _rows(prefix: str, count: int) -> pa.Table:
-    images = [_noise(16, 16, seed) for seed in range(count)]
-    return pa.table(
-        {
-            "key": [f"{prefix}#{i:05d}" for i in range(count)],
-            "source": [prefix] * count,
-            "split": ["val"] * count,
-            "image": [encode_png(i) for i in images],
-            "height": [16] * count,
-            "width": [16] * count,
-        },
-        schema=data.PARQUET_SCHEMA,
-    )
-
-
-def test_parquet_round_trip_gives_rows_in_key_order(tmp_path):
-    (tmp_path / "val").mkdir()
-    first, second = _rows("a.png", 3), _rows("b.png", 2)
-    # Shard names sort differently as text and as numbers: rows still come back in key order.
-    pq.write_table(second, tmp_path / "val" / "part-10.parquet")
-    pq.write_table(first, tmp_path / "val" / "part-9.parquet")
-    table = data.read_split(str(tmp_path), "val")
-    assert table.schema.equals(data.PARQUET_SCHEMA)
-    assert table.equals(pa.concat_tables([first, second]))
-    np.testing.assert_array_equal(data.decode_photo(table.column("image")[3].as_py()), _noise(16, 16, 0))
-    with pytest.raises(FileNotFoundError):
-        data.read_split(str(tmp_path), "test")
-
-
-def test_filesystem_for(monkeypatch, tmp_path):
-    fs, path = data.filesystem_for(str(tmp_path / "x" / ".." / "y"))
-    assert fs.type_name == "local" and path == str(tmp_path / "y")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-3")
-    fs, path = data.filesystem_for("s3://bucket/some/prefix/")
-    assert fs.type_name == "s3" and path == "bucket/some/prefix"
-    assert fs.region == "eu-west-3"
 
 
 # --- masks at training time ---------------------------------------------------------------

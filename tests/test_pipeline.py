@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 import yaml
+from conftest import split_table
 
 from dfnet.evaluation import METRICS, bin_label
 from dfnet.images import decode_image
@@ -200,7 +201,7 @@ def test_champion_from_registry_matches_the_trained_model(repo, first_repro):
 
     registration = json.loads((repo.root / "metrics/register.json").read_text())
     name, alias = registration["name"], repo.params()["register"]["alias"]
-    test = read_split(str(repo.root / "data/prepared"), "test")
+    test = split_table(repo.root / "data/prepared", "test")
     images = decode_image(test.column("image")[0].as_py())[None]  # one whole held-out photo
     known = evaluation_masks(1, *images.shape[1:3], seed=0)[3]
     holes = ((1 - known) * 255).astype(np.uint8)

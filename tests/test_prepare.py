@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import split_table
 from PIL import Image
 
-from conftest import split_table
 from dfnet import data, storage
 from dfnet.images import decode_image
 from dfnet.masks import hole_ratio, load_masks

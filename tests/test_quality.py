@@ -84,7 +84,7 @@ def test_report_covers_every_method_bin_and_size_with_the_runs_numbers(tmp_path:
     raw["data"].update(out_dir=str(data), image_size=64)
     raw["masks"].update(out=str(tmp_path / "masks.npz"), size=64)
     raw["train"].update(batch_size=4, bn_recalibration_batches=1, val_short_side=64)
-    raw["evaluate"].update(sizes=SIZES, max_photos=0, grid_rows=2)
+    raw["evaluate"].update(sizes=SIZES, max_photos=2, grid_rows=2)  # both test photos
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     out = tmp_path / "docs" / "results.md"
     argv = ["--params", str(tmp_path / "params.yaml"), "--epochs", "1", "--crops-per-photo", "1",

@@ -80,7 +80,7 @@ def test_every_batch_mixes_photos_and_an_epoch_is_one_pass(data_root: Path) -> N
     seen: Counter[int] = Counter()
     for images, masks, photos in epoch_batches(_source(data_root), 0, None):
         assert images.shape == (8, 3, SIZE, SIZE) and masks.shape == (8, 1, SIZE, SIZE)
-        assert images.dtype == masks.dtype == torch.float32 and 0 <= images.min() and images.max() <= 1
+        assert images.dtype == masks.dtype == torch.float32 and images.min() >= 0 and images.max() <= 1
         # A batch of crops of one photo is what made BatchNorm strip colours: never again.
         assert len(set(photos.tolist())) >= 4, f"batch drawn from too few photos: {photos.tolist()}"
         # Colour statistics differ inside a batch (one photo's crops would share them).
