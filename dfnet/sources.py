@@ -18,7 +18,8 @@ import pyarrow.fs as pafs
 import torch
 
 from dfnet.data import filesystem_for
-from dfnet.model import CONFIG_NAME, PRESETS, WEIGHTS_NAME, DFNet, import_official_checkpoint
+from dfnet.model import CONFIG_NAME, PRESETS, WEIGHTS_NAME, DFNet
+from dfnet.official import import_official_checkpoint
 from dfnet.pretrained import resolve_model_dir
 
 __all__ = ["load_model", "preset_name"]
