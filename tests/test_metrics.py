@@ -190,6 +190,17 @@ def test_ssim_matches_skimage(dtype: torch.dtype) -> None:
     assert expected[2] < 0.2 < expected[0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_ssim_equals_the_hand_written_one_it_replaces(dtype: torch.dtype) -> None:
+    rng = np.random.default_rng(2)
+    pairs = [_structured_pair(rng, 40, 37) for _ in range(3)] + [np.stack([rng.random((40, 37, 3))] * 2)]
+    pairs.append(np.stack([rng.random((40, 37, 3)), rng.random((40, 37, 3))]))
+    pred = torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2).to(dtype)
+    target = torch.from_numpy(np.stack([p[1] for p in pairs])).permute(0, 3, 1, 2).to(dtype)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(Mt.ssim(pred, target), Mt._ssim_before(pred, target), rtol=0, atol=tol)
+
+
 def test_ssim_rejects_tiny_images() -> None:
     with pytest.raises(ValueError):
         Mt.ssim(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8))
