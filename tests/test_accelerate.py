@@ -123,7 +123,7 @@ def bench():
     """bench/inference.py, imported as a module."""
     spec = importlib.util.spec_from_file_location("bench_inference", ROOT / "bench" / "inference.py")
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT / "bench"))  # the script imports its sibling bench/quality.py
+    sys.path.insert(0, str(ROOT / "bench"))  # the script imports bench/_common.py
     try:
         spec.loader.exec_module(module)
     finally:
