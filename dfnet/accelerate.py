@@ -361,20 +361,10 @@ def _static_sizes(x: Tensor) -> None:
 
 
 def _compiling() -> contextlib.AbstractContextManager[object]:
-    """Inductor's settings for a compiled call, switched on for its duration only.
-
-    * `freezing`: the weights become constants, so inductor prepacks the conv weights for oneDNN
-      and constant-folds whatever depends on weights only. It has to be on in the global config
-      while dynamo *traces* (dynamo reads it to decide whether parameters are graph inputs), so
-      `torch.compile(options={"freezing": True})` alone is not enough. Its price: a graph with
-      prepacked weights cannot be cached ("mkldnn tensors unpickleable"), so every process
-      lowers its graphs afresh; the on-disk cache saves only the C++ builds.
-    * `cpp_wrapper`: the graph runs as one C++ function that releases the GIL, instead of Python
-      code that calls each fused kernel with the GIL held: other Python threads of the process
-      run meanwhile, and the network itself runs faster.
-
-    A scoped patch keeps the rest of the process unaffected.
-    """
+    """Inductor's settings for a compiled call, patched for its duration only: `freezing` (weights
+    become constants that inductor prepacks for oneDNN; it must be set while dynamo traces, so a
+    `torch.compile` option is not enough, and such graphs cannot be cached: every process lowers
+    them afresh) and `cpp_wrapper` (the graph runs as one C++ function that releases the GIL)."""
     import torch._inductor.config as inductor_config
 
     return inductor_config.patch(freezing=True, cpp_wrapper=True)
