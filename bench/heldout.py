@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from quality import cpu_name, plot_alphas  # noqa: E402  (a sibling script in bench/)
+from _common import cpu_name, plot_alphas  # bench/'s shared helpers
 
 from dfnet.evaluation import OPENCV_RADII, Results, better, comparison_grid, evaluate_heldout, stage_methods
 from dfnet.model import DFNet

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from quality import cpu_name  # a sibling script in bench/
+from _common import cpu_name  # bench/'s shared helpers
 
 from dfnet.accelerate import INFERENCE_PATHS, InferencePath, InferenceRunner, choose_path, optimize_for_inference
 from dfnet.masks import HOLE_BINS, evaluation_masks

@@ -38,8 +38,8 @@ import httpx
 import numpy as np
 import psutil
 import torch
+from _common import cpu_name  # bench/'s shared helpers
 from PIL import Image
-from quality import cpu_name  # a sibling script in bench/
 
 from dfnet.images import encode_png
 from dfnet.inpaint import Inpainter

@@ -35,7 +35,7 @@ from typing import Any
 
 import ray
 import torch
-from quality import cpu_name, prepared_data  # noqa: E402  (a sibling script in bench/)
+from _common import cpu_name, prepared_data  # bench/'s shared helpers
 
 from dfnet.params import Params, load_params
 from dfnet.storage import count_rows

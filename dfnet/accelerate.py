@@ -1,8 +1,9 @@
 """Fast DFNet inference: one call, `optimize_for_inference(model)`, picks the path for the machine.
 
 A *path* is how the network runs (`INFERENCE_PATHS`): every path folds each BatchNorm into the
-conv before it and uses channels_last (the fp32 and native-bf16 compiled paths also run the decoder's
-upsampling as transposed convs, `DecoderBlock.transposed`); then
+conv before it, uses channels_last and runs the decoder blocks without building their upsampled
+tensor (`dfnet.fast_decoder`: sub-pixel phases, or transposed convs on the fp32 and native-bf16
+compiled paths); then
 
 * ``eager``         fp32, no compiler (what runs where nothing else can)
 * ``compile``       torch.compile (inductor, weights frozen as constants), fp32
@@ -39,7 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import fuse_conv_bn_eval
 
+from dfnet.fast_decoder import use_fast_decoders
 from dfnet.model import DecoderBlock, DFNet, EncoderBlock
 
 __all__ = [
@@ -87,49 +90,25 @@ INFERENCE_PATHS: dict[str, InferencePath] = {
 
 # --------------------------------------------------------------------------- BatchNorm folding
 @torch.no_grad()
-def _fold_conv_bn(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
-    """Rewrite `conv` in place so that conv'(x) == norm(conv(x)) with norm in eval mode.
-
-    Eval-mode BN is a per-output-channel affine map y = (x − μ) · γ/√(σ² + ε) + β, so it can be
-    absorbed into the conv's weight (scaled per output channel) and bias. The arithmetic is done
-    in float64 so the folded weights are as close as float32 can hold to the exact product.
-    """
-    if norm.running_mean is None or norm.running_var is None:
-        raise ValueError("cannot fold a BatchNorm without running statistics")
-    if norm.num_features != conv.out_channels:
-        raise ValueError(f"BatchNorm has {norm.num_features} features, conv has {conv.out_channels} outputs")
-    weight = conv.weight
-    mean = norm.running_mean.double()
-    var = norm.running_var.double()
-    gamma = norm.weight.double() if norm.weight is not None else torch.ones_like(mean)
-    beta = norm.bias.double() if norm.bias is not None else torch.zeros_like(mean)
-    scale = gamma / torch.sqrt(var + norm.eps)
-    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(mean)
-    new_weight = weight.double() * scale.reshape(-1, *([1] * (weight.dim() - 1)))
-    new_bias = (bias - mean) * scale + beta
-    conv.weight = nn.Parameter(new_weight.to(weight.dtype), requires_grad=weight.requires_grad)
-    # Assigning a Parameter also (re-)registers `bias` when the conv was built with bias=False.
-    conv.bias = nn.Parameter(new_bias.to(weight.dtype), requires_grad=weight.requires_grad)
-
-
 def _fold_in_place(model: nn.Module) -> int:
     """Fold every (conv, BatchNorm) pair this model's structure guarantees; return how many.
 
     Only pairs whose forward order is known are folded: `conv` → `norm` in Encoder/DecoderBlock,
-    and consecutive (Conv2d, BatchNorm2d) entries of an nn.Sequential (BlendBlock.layers).
+    and consecutive (Conv2d, BatchNorm2d) entries of an nn.Sequential (BlendBlock.layers). The
+    model must be in eval mode: folding uses the running statistics.
     """
     folded = 0
     for module in model.modules():
         if isinstance(module, (EncoderBlock, DecoderBlock)):
             if isinstance(module.norm, nn.BatchNorm2d) and isinstance(module.conv, nn.Conv2d):
-                _fold_conv_bn(module.conv, module.norm)
+                module.conv = fuse_conv_bn_eval(module.conv, module.norm)
                 module.norm = nn.Identity()
                 folded += 1
         elif isinstance(module, nn.Sequential):
             for i in range(len(module) - 1):
                 conv, norm = module[i], module[i + 1]
                 if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
-                    _fold_conv_bn(conv, norm)
+                    module[i] = fuse_conv_bn_eval(conv, norm)
                     module[i + 1] = nn.Identity()
                     folded += 1
     return folded
@@ -167,8 +146,7 @@ def native_int8() -> bool:
 
     Without VNNI (AVX2-only CPUs, or this one capped to AVX2 like `native_bfloat16` describes)
     pairs of u8×s8 products are summed in saturating 16-bit lanes, so activations have to be
-    quantised to 7 bits (`reduce_range`) or large ones clip: on the capped CPU, full-range int8
-    moved the held-out hole ℓ1 by over 1 % and single pixels by 121 levels.
+    quantised to 7 bits (`reduce_range`) or large ones clip and move the completion visibly.
     """
     vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
     return bool(vnni) and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
@@ -192,11 +170,11 @@ def choose_path(device: str | torch.device = "cpu") -> tuple[InferencePath, str]
     """The fastest validated path for `device` on this machine, and the reason for it.
 
     GPU: bf16 where supported, else fp32, compiled. CPU: bf16 where native (AVX512-BF16, AMX);
-    otherwise int8 when torchao is installed (validated within 1 % of fp32 on held-out photos,
+    otherwise int8 when torchao is installed (validated against fp32 on held-out photos,
     docs/performance.md), else compiled fp32; eager when inductor has no C++ compiler. Where bf16
     is native, `int8` and `int8-bf16` are faster still for large networks (the official preset)
-    but are not chosen: exporting and calibrating add about 15 s to every start, and small
-    networks (the shipped model) gain little.
+    but are not chosen: exporting and calibrating lengthen every start, and small networks (the
+    shipped model) gain little.
     """
     device = torch.device(device)
     if device.type == "cpu" and shutil.which(os.environ.get("CXX", "c++")) is None:
@@ -272,7 +250,7 @@ class InferenceRunner:
     compilation failed and the runner fell back to eager mode.
 
     On a compiled path every image size (height, width) gets a graph of its own, compiled on the
-    `compile_after`-th call at that size (tens of seconds on a CPU); until then, and for every
+    `compile_after`-th call at that size (slow on a CPU); until then, and for every
     size when `compile_after` is None, the size runs eagerly (the same path without the compiler
     and without int8). `warmup` compiles its size at once. Sizes with a graph always use it.
     """
@@ -373,32 +351,20 @@ def _static_sizes(x: Tensor) -> None:
     """Keep height and width static when torch.compile sees a new image size.
 
     By default dynamo recompiles a graph whose input size changed with that size symbolic, and
-    on the CPU such a graph ran the shipped model 8–11× slower than the static one (185 vs 16 ms
-    per 256² image; inductor cannot prepack the convolutions for oneDNN without their sizes).
-    So every size gets a static graph of its own: a compile per new size (tens of seconds; up to
-    dynamo's recompile limit, then new sizes run eagerly), while the batch size may still turn
-    dynamic, which costs nothing measurable.
+    on the CPU such a graph runs many times slower than a static one (inductor cannot prepack the
+    convolutions for oneDNN without their sizes). So every size gets a static graph of its own:
+    a compile per new size (up to dynamo's recompile limit, then new sizes run eagerly), while
+    the batch size may still turn dynamic, which costs nothing measurable.
     """
     torch._dynamo.mark_static(x, 2)
     torch._dynamo.mark_static(x, 3)
 
 
 def _compiling() -> contextlib.AbstractContextManager[object]:
-    """Inductor's settings for a compiled call, switched on for its duration only.
-
-    * `freezing`: the weights become constants, so inductor prepacks the conv weights for oneDNN
-      and constant-folds whatever depends on weights only. It has to be on in the global config
-      while dynamo *traces* (dynamo reads it to decide whether parameters are graph inputs), so
-      `torch.compile(options={"freezing": True})` alone is not enough. Its price: a graph with
-      prepacked weights cannot be cached ("mkldnn tensors unpickleable"), so every process
-      lowers its graphs afresh; the on-disk cache saves only the C++ builds.
-    * `cpp_wrapper`: the graph runs as one C++ function that releases the GIL, instead of Python
-      code that calls each fused kernel with the GIL held: other Python threads of the process
-      run meanwhile, and the shipped model's network ran 16 % faster at 256² (12.0 vs 14.3 ms,
-      one thread; measured when Serve still ran its model on a thread beside its event loop).
-
-    A scoped patch keeps the rest of the process unaffected.
-    """
+    """Inductor's settings for a compiled call, patched for its duration only: `freezing` (weights
+    become constants that inductor prepacks for oneDNN; it must be set while dynamo traces, so a
+    `torch.compile` option is not enough, and such graphs cannot be cached: every process lowers
+    them afresh) and `cpp_wrapper` (the graph runs as one C++ function that releases the GIL)."""
     import torch._inductor.config as inductor_config
 
     return inductor_config.patch(freezing=True, cpp_wrapper=True)
@@ -463,9 +429,9 @@ def optimize_for_inference(
     """A fast inference callable for `model` on `device`, leaving `model` itself untouched.
 
     path: "auto" (chosen by `choose_path` for this machine), a name in `INFERENCE_PATHS`, or an
-        `InferencePath`. Compiled paths compile on the first call for each input shape (tens of
-        seconds on a CPU: call `warmup`); if compiling fails (no C++ compiler, ...), the runner
-        logs a warning and runs eagerly.
+        `InferencePath`. Compiled paths compile on the first call for each input shape (slow on
+        a CPU: call `warmup`); if compiling fails (no C++ compiler, ...), the runner logs a
+        warning and runs eagerly.
     calibration: (image, mask) pairs like the ones the runner will see, for the int8 path; by
         default a few bundled photos with holes (`default_calibration`).
     compile_after: on a compiled path, the call at an image size that compiles it: 1 = the
@@ -493,13 +459,10 @@ def optimize_for_inference(
     if chosen.fold_bn:
         _fold_in_place(prepared)
     prepared.requires_grad_(False).to(device)
-    if chosen.compile and not chosen.int8 and not emulated_bf16:
-        # What inductor fuses best (DecoderBlock's docstring). Not for int8: the quantiser leaves
-        # transposed convs in float, and that graph ran slower (33 vs 20 ms, shipped at 512²).
-        # Nor for emulated bf16, where oneDNN's transposed conv is pathological (the official
-        # model took 16 s per 512² image on a CPU capped to AVX2, against 1.8 s with phases).
-        for block in prepared.decoder:
-            block.transposed = True
+    # Transposed convs are what inductor fuses best. Not for int8: the quantiser leaves them in
+    # float, and that graph ran slower. Nor for emulated bf16, where oneDNN's transposed conv is
+    # pathologically slow. Eagerly the phases win.
+    use_fast_decoders(prepared, transposed=chosen.compile and not chosen.int8 and not emulated_bf16)
     if chosen.channels_last:
         prepared.to(memory_format=torch.channels_last)
     inputs = []

@@ -22,7 +22,8 @@ from dfnet.accelerate import INFERENCE_PATHS, optimize_for_inference
 from dfnet.images import is_image_file, open_image
 from dfnet.inpaint import STRATEGIES, Inpainter
 from dfnet.masks import MASK_CONVENTIONS
-from dfnet.model import CheckpointMismatchError, DFNet, import_official_checkpoint, read_model_config
+from dfnet.model import DFNet, read_model_config
+from dfnet.official import CheckpointMismatchError, import_official_checkpoint
 from dfnet.pretrained import PRETRAINED_NAME
 from dfnet.sources import load_model
 

@@ -67,7 +67,7 @@ log = logging.getLogger("dfnet.evaluation")
 #: The per-image metrics `score` returns, in report order.
 METRICS: tuple[str, ...] = ("l1", "bpe", "psnr", "ssim")
 #: Metrics where a smaller value is the better model; every other known metric is higher-is-better.
-LOWER_IS_BETTER: frozenset[str] = frozenset({"l1", "bpe", "fid"})
+LOWER_IS_BETTER: frozenset[str] = frozenset({"l1", "bpe"})
 _HIGHER_IS_BETTER: frozenset[str] = frozenset({"psnr", "ssim"})
 #: PSNR of identical images is infinite; it is capped here so means and eval.json stay finite.
 #: Real completions stay far below it (1% of the pixels one grey level off is ~68 dB).

@@ -22,15 +22,15 @@ Conventions: images are float NCHW in [0, 1] (no mean/std normalisation), masks 
 (2 ** levels); `dfnet.inpaint.Inpainter` pads or crops arbitrary photos to that.
 
 Model directories follow the `save_pretrained` / `from_pretrained` habit: `config.json`
-(architecture + provenance) beside `model.safetensors`. `load_official_state_dict` imports the
-authors' released checkpoints (see `docs/official-checkpoint-keys.tsv` for their layout).
+(architecture + provenance) beside `model.safetensors`. The authors' released checkpoints are
+imported by `dfnet.official`; faster forms of the same network for inference are built by
+`dfnet.accelerate`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,9 +66,8 @@ class DFNetConfig:
     # Holes pre-filled by a classical inpainting before the network sees them, and C_k a learned
     # correction of that fill ("none" = the paper: zero-filled holes, C_k from scratch).
     prefill: Prefill = "none"
-    # OpenCV's inpaint radius. The fill's time grows with it: 2 takes ~45 % less than 3, and the
-    # shipped model (trained with 3) scored the same or better hole ℓ1 and BPE with 2 on held-out
-    # photos (PSNR 0.02 dB lower).
+    # OpenCV's inpaint radius. The fill's time grows with it, and the shipped model (trained with
+    # 3) scored as well with 2 on held-out photos.
     prefill_radius: int = 2
 
     def __post_init__(self) -> None:
@@ -163,25 +162,7 @@ class EncoderBlock(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """Nearest ×2 upsample, concat the same-resolution skip, 3×3 conv → BatchNorm → LeakyReLU(0.2).
-
-    The weights are the paper's one 3×3 conv over cat[up(x), skip] (the checkpoint layout), but
-    the forward never builds up(x): a 3×3 conv of a nearest-upsampled map is, at each of the four
-    output phases, a 2×2 conv of the low-resolution map (`subpixel_kernels`). So the upsampled
-    part runs at a quarter of the pixels with 16 taps per output pixel quad instead of 36, and
-    the largest tensor of the old forward (up(x) at full resolution) is never written. The skip
-    part is an ordinary 3×3 conv. Same function, fp32 rounding apart (≈ 1e-7).
-
-    With `transposed` set, the upsampled part is instead one stride-2 transposed conv with 4×4
-    kernels (`transposed_kernels`): the same taps, but the four phases come out interleaved in
-    one full-resolution map. Eager, neither form wins everywhere (transposed ran the official
-    preset 3 % slower, the shipped model up to 12 % faster), so the model keeps the phase form.
-    Compiled, inductor turns the phase-by-phase adds into scalar loops over the few channels of
-    the finest level, and the transposed form ran the shipped model's bf16 graph ~25 % faster
-    (official ~10 %): `dfnet.accelerate` sets it on its fp32 and native-bf16 compiled paths.
-    """
-
-    transposed: bool = False
+    """Nearest ×2 upsample, concat the same-resolution skip, 3×3 conv → BatchNorm → LeakyReLU(0.2)."""
 
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int):
         super().__init__()
@@ -190,72 +171,8 @@ class DecoderBlock(nn.Module):
         self.act = nn.LeakyReLU(0.2, inplace=True)
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
-        up = x.shape[1]
-        weight = self.conv.weight
-        out = F.conv2d(skip, weight[:, up:], self.conv.bias, padding=1)  # the skip part, full resolution
-        pad = 1
-        if x.shape[-2:] == (1, 1):
-            # A 1×1 map (the bottleneck at the smallest input size) is NCHW and channels_last at
-            # once by its strides; inductor and oneDNN then disagree on the layout of the conv's
-            # output, and a recompiled (dynamic-shape) graph fails its stride checks. A padded
-            # 3×3 copy has one layout (and costs nothing at this size).
-            x, pad = F.pad(x, (1, 1, 1, 1)), 0
-        elif self.transposed:
-            out = out + F.conv_transpose2d(x, transposed_kernels(weight[:, :up]), stride=2, padding=1)
-            return self.act(self.norm(out))
-        phases = F.conv2d(x, subpixel_kernels(weight[:, :up]), padding=pad)  # (h + 1) × (w + 1)
-        return self.act(self.norm(add_phases(out, phases)))
-
-
-def subpixel_kernels(weight: Tensor) -> Tensor:
-    """The 2×2 kernels that apply 3×3 `weight` (C_out, C, 3, 3) to a nearest ×2 upsample.
-
-    Output row 2i + a of the 3×3 conv (padding 1) reads upsampled rows 2i + a − 1 … 2i + a + 1,
-    which are low-resolution rows (i − 1, i, i) for a = 0 and (i, i, i + 1) for a = 1: the kernel
-    rows (w0, w1 + w2) over rows (i − 1, i), and (w0 + w1, w2) over (i, i + 1). Columns alike.
-    Returns (4 · C_out, C, 2, 2), phase (a, b) = (0, 0), (0, 1), (1, 0), (1, 1) in blocks of C_out.
-    """
-
-    def fold(w: Tensor, dim: int, phase: int) -> Tensor:
-        w0, w1, w2 = w.unbind(dim)
-        return torch.stack([w0, w1 + w2] if phase == 0 else [w0 + w1, w2], dim)
-
-    return torch.cat([fold(fold(weight, 2, a), 3, b) for a in (0, 1) for b in (0, 1)])
-
-
-def transposed_kernels(weight: Tensor) -> Tensor:
-    """The 4×4 kernels of a stride-2 transposed conv (padding 1) that applies 3×3 `weight`
-    (C_out, C, 3, 3) to a nearest ×2 upsample; returns (C, C_out, 4, 4), conv_transpose2d's layout.
-
-    A transposed conv adds input row i into output row o through kernel tap o − 2i + 1. The
-    sub-pixel rows (see `subpixel_kernels`) put w0 on row i − 1 and w1 + w2 on row i for output
-    row 2i, and w0 + w1 on row i, w2 on row i + 1 for output row 2i + 1: taps 3, 1, 2, 0. So the
-    taps are (w2, w1 + w2, w0 + w1, w0); columns alike.
-    """
-
-    def fold(w: Tensor, dim: int) -> Tensor:
-        w0, w1, w2 = w.unbind(dim)
-        return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
-
-    return fold(fold(weight, 2), 3).transpose(0, 1)
-
-
-def add_phases(out: Tensor, phases: Tensor) -> Tensor:
-    """out[:, :, 2i + a, 2j + b] += phases[block (a, b), :, i + a, j + b], in place; returns out.
-
-    `phases` is a 2×2 conv (padding 1) of an h × w map, so it is (h + 1) × (w + 1): phase a = 0
-    reads rows (i − 1, i), which is its output row i; phase a = 1 reads rows (i, i + 1), row i + 1.
-    Works in out's memory format (NCHW, or channels_last for the fast paths).
-    """
-    n, c, height, width = out.shape
-    h, w = height // 2, width // 2
-    if not out.is_contiguous() and out.is_contiguous(memory_format=torch.channels_last):
-        grid = out.permute(0, 2, 3, 1).view(n, h, 2, w, 2, c).permute(0, 5, 1, 2, 3, 4)  # N, C, H, 2, W, 2
-    else:
-        grid = out.view(n, c, h, 2, w, 2)
-    for k, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
-        grid[:, :, :, a, :, b] += phases[:, k * c : (k + 1) * c, a : a + h, b : b + w]
-    return out
+        upsampled = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.act(self.norm(self.conv(torch.cat([upsampled, skip], dim=1))))
 
 
 class BlendBlock(nn.Module):
@@ -298,7 +215,7 @@ def classical_prefill(image: Tensor, mask: Tensor, method: Prefill, radius: int)
     OpenCV works on 8-bit pixels on the CPU, so the fill is quantised like a photo and computed
     there whatever the model's device; known pixels are returned unchanged (not quantised). One
     image's fill runs on one core, so a batch is spread over torch's CPU threads (OpenCV releases
-    the GIL): about 1.8× faster on 2 cores.
+    the GIL).
     """
     pixels = image.detach().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     holes = (mask.detach()[:, 0] < 0.5).to(torch.uint8).cpu().numpy()
@@ -313,8 +230,8 @@ def classical_prefill(image: Tensor, mask: Tensor, method: Prefill, radius: int)
     else:
         filled = np.stack([fill_one(i) for i in range(len(pixels))])
     # NHWC uint8 → NCHW before converting: arithmetic between tensors of different memory
-    # layouts runs a slow strided loop (3.6 vs 0.7 ms for the whole step at 512²). The hole is
-    # what OpenCV was given (mask < 0.5); everything else keeps the input's exact values.
+    # layouts runs a slow strided loop. The hole is what OpenCV was given (mask < 0.5); everything
+    # else keeps the input's exact values.
     fill = torch.from_numpy(filled).permute(0, 3, 1, 2).contiguous().to(image.device, image.dtype).div_(255)
     return torch.where(mask < 0.5, fill, image)
 
@@ -361,6 +278,9 @@ class DFNetOutput(NamedTuple):
 
 
 class DFNet(nn.Module):
+    """The U-Net of encoder and decoder blocks (skips at every scale) with a fusion block on each
+    of the `fusion_levels` finest decoder outputs; see the module docstring."""
+
     def __init__(self, config: DFNetConfig | None = None):
         super().__init__()
         self.config = config or DFNetConfig()
@@ -467,121 +387,9 @@ def build_model(preset: str = "official", **overrides: Any) -> DFNet:
     return DFNet(dataclasses.replace(PRESETS[preset], **overrides))
 
 
-# --------------------------------------------------------------------- official checkpoints
-# The release names modules en_i / de_i / fuse_i (de_0 and fuse_0 are the finest) and wraps
-# odd-padded convs in (ConstantPad2d, Conv2d) Sequentials, hence ".conv.1.". This maps each
-# release key pattern onto this module's names.
-_OFFICIAL_RENAMES: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"^en_(\d+)\.encode\.0\.conv\.(?:1\.)?(weight|bias)$"), r"encoder.\1.conv.\2"),
-    (re.compile(r"^en_(\d+)\.encode\.1\.(\w+)$"), r"encoder.\1.norm.\2"),
-    (re.compile(r"^de_(\d+)\.decode\.0\.conv\.(?:1\.)?(weight|bias)$"), r"decoder.\1.conv.\2"),
-    (re.compile(r"^de_(\d+)\.decode\.1\.(\w+)$"), r"decoder.\1.norm.\2"),
-    (re.compile(r"^fuse_(\d+)\.map2img\.0\.conv\.(?:1\.)?(weight|bias)$"), r"fusion.\1.to_image.\2"),
-    (re.compile(r"^fuse_(\d+)\.blend\.blend\.([036])\.conv\.(?:1\.)?(weight|bias)$"), r"fusion.\1.blend.layers.\2.\3"),
-    (re.compile(r"^fuse_(\d+)\.blend\.blend\.([14])\.(\w+)$"), r"fusion.\1.blend.layers.\2.\3"),
-]
-
-
-class CheckpointMismatchError(ValueError):
-    """Raised when an external checkpoint does not fit the model; lists every problem."""
-
-
-def official_to_dfnet_key(key: str) -> str | None:
-    """This project's name for a release state-dict key, or None if it is not a known pattern."""
-    for pattern, replacement in _OFFICIAL_RENAMES:
-        if pattern.match(key):
-            return pattern.sub(replacement, key)
-    return None
-
-
-def _flip_rgb_bgr(state: dict[str, Tensor], levels: int, fusion_levels: int) -> None:
-    """Make BGR-trained weights take and give RGB, in place.
-
-    Colour enters the network in three places and leaves it in two: the first encoder conv and
-    the finest decoder conv (its skip is the raw input) read [B, G, R, mask]; every BlendBlock
-    reads cat[I_k, C_k] (both BGR). Each C_k conv and each alpha conv write BGR. Reversing those
-    input/output channels gives bit-for-bit the same arithmetic on RGB tensors.
-    """
-    rgb = torch.tensor([2, 1, 0])
-
-    def flip_inputs(key: str, start: int) -> None:
-        w = state[key].clone()
-        w[:, start : start + 3] = state[key][:, start + rgb]
-        state[key] = w
-
-    flip_inputs("encoder.0.conv.weight", 0)
-    finest_skip_start = state["decoder.0.conv.weight"].shape[1] - 4  # [upsampled, skip(4)]
-    flip_inputs("decoder.0.conv.weight", finest_skip_start)
-    for k in range(fusion_levels):
-        for name in ("weight", "bias"):
-            state[f"fusion.{k}.to_image.{name}"] = state[f"fusion.{k}.to_image.{name}"][rgb].clone()
-        flip_inputs(f"fusion.{k}.blend.layers.0.weight", 0)
-        flip_inputs(f"fusion.{k}.blend.layers.0.weight", 3)
-        alpha_w = f"fusion.{k}.blend.layers.6.weight"
-        if state[alpha_w].shape[0] == 3:  # per-channel alpha is in BGR order too
-            for name in ("weight", "bias"):
-                key = f"fusion.{k}.blend.layers.6.{name}"
-                state[key] = state[key][rgb].clone()
-
-
-def load_official_state_dict(
-    model: DFNet, official: dict[str, Tensor], channel_order: Literal["bgr", "rgb"] = "bgr"
-) -> None:
-    """Load the authors' released state dict into `model`, checking every name and shape.
-
-    `channel_order="bgr"` (the release read images with OpenCV) rewires the colour channels so
-    this project's RGB API computes what the release computed on the same pixels. Raises
-    CheckpointMismatchError listing unknown, missing and wrongly shaped tensors.
-    """
-    expected = model.state_dict()
-    renamed: dict[str, Tensor] = {}
-    problems: list[str] = []
-    for key, value in official.items():
-        ours = official_to_dfnet_key(key)
-        if ours is None or ours not in expected:
-            problems.append(f"unexpected key {key!r}")
-        elif tuple(value.shape) != tuple(expected[ours].shape):
-            problems.append(
-                f"shape mismatch for {key!r}: checkpoint {tuple(value.shape)}, model {tuple(expected[ours].shape)}"
-            )
-        else:
-            renamed[ours] = value
-    missing = sorted(set(expected) - set(renamed) - {official_to_dfnet_key(k) for k in official})
-    problems += [f"missing key {k!r} (no tensor in the checkpoint maps to it)" for k in missing]
-    if problems:
-        raise CheckpointMismatchError(
-            f"checkpoint does not match the {model.config.levels}-level DFNet "
-            f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
-        )
-    if channel_order == "bgr":
-        _flip_rgb_bgr(renamed, model.config.levels, model.config.fusion_levels)
-    model.load_state_dict(renamed, strict=True)
-
-
-def import_official_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> DFNet:
-    """`dfnet import-official`: read a released `.pth` safely and write a model directory."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise CheckpointMismatchError(f"{checkpoint} does not hold a state dict (got {type(state).__name__})")
-    state = state.get("state_dict", state)
-    model = DFNet(PRESETS["official"])
-    load_official_state_dict(model, state, channel_order="bgr")
-    model.save_pretrained(
-        out_dir,
-        provenance={
-            "source": "official",
-            "checkpoint": Path(checkpoint).name,
-            "channel_order": "converted from BGR to RGB at import",
-            "output_quantization": "floor",  # the release wrote x.mul(255).byte()
-        },
-    )
-    return model.eval()
-
-
 __all__ = [
     "PRESETS",
     "BlendBlock",
-    "CheckpointMismatchError",
     "Conv2dSame",
     "DFNet",
     "DFNetConfig",
@@ -591,8 +399,5 @@ __all__ = [
     "FusionBlock",
     "build_model",
     "classical_prefill",
-    "import_official_checkpoint",
-    "load_official_state_dict",
-    "official_to_dfnet_key",
     "read_model_config",
 ]

@@ -17,7 +17,8 @@ from pathlib import Path, PurePosixPath
 import pyarrow.fs as pafs
 import torch
 
-from dfnet.model import CONFIG_NAME, PRESETS, WEIGHTS_NAME, DFNet, import_official_checkpoint
+from dfnet.model import CONFIG_NAME, PRESETS, WEIGHTS_NAME, DFNet
+from dfnet.official import import_official_checkpoint
 from dfnet.pretrained import resolve_model_dir
 from dfnet.storage import filesystem_for
 

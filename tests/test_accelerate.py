@@ -27,7 +27,8 @@ from dfnet.accelerate import (
     optimize_for_inference,
     persistent_compile_cache,
 )
-from dfnet.model import Conv2dSame, DecoderBlock, DFNet, build_model, subpixel_kernels
+from dfnet.fast_decoder import FastDecoderBlock, subpixel_kernels, use_fast_decoders
+from dfnet.model import Conv2dSame, DecoderBlock, DFNet, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64  # the small preset's size multiple
@@ -122,7 +123,7 @@ def bench():
     """bench/inference.py, imported as a module."""
     spec = importlib.util.spec_from_file_location("bench_inference", ROOT / "bench" / "inference.py")
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT / "bench"))  # the script imports its sibling bench/quality.py
+    sys.path.insert(0, str(ROOT / "bench"))  # the script imports bench/_common.py
     try:
         spec.loader.exec_module(module)
     finally:
@@ -131,10 +132,10 @@ def bench():
 
 
 def test_eager_changes_keep_the_numbers(bench):
-    """Convs with a symmetric "same" pad let nn.Conv2d pad, and decoder blocks run their upsampled
-    half at low resolution; bench/inference.py's `before` path (explicit F.pad everywhere,
-    upsample then cat then conv) computes the same function at both presets, to float32 rounding
-    (the sub-pixel kernels sum the 3×3 taps in another order)."""
+    """Convs with a symmetric "same" pad let nn.Conv2d pad, and the fast decoder blocks run their
+    upsampled half at low resolution; bench/inference.py's `before` path (explicit F.pad
+    everywhere, upsample then cat then conv) computes the same function at both presets, to
+    float32 rounding (the sub-pixel kernels sum the 3×3 taps in another order)."""
     for preset in ("small", "official"):
         torch.manual_seed(0)
         net = build_model(preset).eval()
@@ -142,6 +143,9 @@ def test_eager_changes_keep_the_numbers(bench):
         convs = [m for m in net.modules() if isinstance(m, Conv2dSame)]
         assert any(m.same_pad is None and m.padding != (0, 0) for m in convs)  # nn.Conv2d pads these
         assert all(m.same_pad is not None for m in before.modules() if isinstance(m, Conv2dSame))
+        use_fast_decoders(net, transposed=False)
+        use_fast_decoders(before, transposed=False)  # leaves the baseline's own decoder blocks alone
+        assert all(type(m) is FastDecoderBlock for m in net.decoder)
         assert all(type(m) is bench.TwoPassDecoderBlock for m in before.decoder)
         size = net.config.size_multiple
         image, mask = torch.rand(1, 3, size, size), (torch.rand(1, 1, size, size) > 0.3).float()
@@ -166,18 +170,19 @@ def test_goal_lines_bound_the_speed_up_by_the_prefill(bench):
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["subpixel", "transposed"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_decoder_block_is_upsample_cat_conv(channels_last, transposed):
-    """Both forms of the forward (sub-pixel phases, one transposed conv) compute the paper's
-    upsample → concat → 3×3 conv (and its gradients, to the inputs and the checkpoint-layout
-    weights), in the input's memory format."""
+def test_fast_decoder_block_is_upsample_cat_conv(channels_last, transposed):
+    """Both fast forms (sub-pixel phases, one transposed conv) compute the paper's upsample →
+    concat → 3×3 conv of the block they are built from (and its gradients, to the inputs and the
+    checkpoint-layout weights), in the input's memory format."""
     torch.manual_seed(0)
     block = DecoderBlock(5, 2, 3).double().eval()
-    block.transposed = transposed
     nn.init.normal_(block.norm.running_mean)
+    fast = FastDecoderBlock(block, transposed)
+    assert fast.state_dict().keys() == block.state_dict().keys()  # the checkpoint layout, shared
     x = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
     skip = torch.randn(2, 2, 6, 8, dtype=torch.float64, requires_grad=True)
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    ours = block(x.contiguous(memory_format=layout), skip.contiguous(memory_format=layout))
+    ours = fast(x.contiguous(memory_format=layout), skip.contiguous(memory_format=layout))
     upsampled = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
     reference = block.act(block.norm(block.conv(torch.cat([upsampled, skip], dim=1))))
     assert torch.allclose(ours, reference, atol=1e-12, rtol=0)
@@ -211,6 +216,7 @@ def test_eager_path_folds_uses_channels_last_and_copies(model, inputs, reference
     assert model.encoder[1].conv.weight.is_contiguous()  # the caller's weights keep their layout
     out = runner(*inputs)
     assert out.is_contiguous()
+    assert all(type(block) is FastDecoderBlock for block in runner.model.decoder)
     assert not any(block.transposed for block in runner.model.decoder)  # eager: the phase form is faster
     assert (out - reference).abs().max().item() < FOLD_TOLERANCE
 
@@ -308,7 +314,7 @@ def test_compiled_runner_matches_eager(model, inputs, reference):
     out = runner(*inputs)
     assert runner.compiled, "compilation fell back to eager on a machine with a C++ compiler"
     assert all(block.transposed for block in runner.model.decoder)
-    assert not any(block.transposed for block in model.decoder)  # the caller's model is left alone
+    assert all(type(block) is DecoderBlock for block in model.decoder)  # the caller's model is left alone
     # A new batch recompiles with a dynamic batch (as Serve's warm-up does); the 1×1 bottleneck
     # once made that recompile fail its stride checks and fall back to eager.
     runner.warmup((2, SIZE, SIZE))

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dfnet import corpus
 from dfnet.corpus import (
     MANIFEST_COLUMNS,
     PackageSelection,
+    archives,
     build_corpus,
     dep5_licence,
     download_packages,
@@ -327,7 +327,7 @@ def test_download_skips_debs_already_there(
     def no_apt(*args: object, **kwargs: object) -> None:
         raise AssertionError("apt-get download was called for a package that is already there")
 
-    monkeypatch.setattr(corpus, "_apt_download", no_apt)
+    monkeypatch.setattr(archives, "_apt_download", no_apt)
     result = download_packages(["photos-test"], folder)
     assert result.debs == {"photos-test": folder / debs["photos-test"].name}
     assert result.failed == {} and result.downloaded_bytes == 0

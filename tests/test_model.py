@@ -1,5 +1,5 @@
-"""DFNet architecture: shapes, parameter count, padding, the fusion equation, model files and
-the importer for the authors' released checkpoints."""
+"""DFNet architecture: shapes, parameter count, padding, the decoder and fusion blocks, model
+files."""
 
 from __future__ import annotations
 
@@ -9,44 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dfnet.model import (
-    PRESETS,
-    CheckpointMismatchError,
-    Conv2dSame,
-    DFNet,
-    DFNetConfig,
-    FusionBlock,
-    build_model,
-    import_official_checkpoint,
-    load_official_state_dict,
-    official_to_dfnet_key,
-)
-
-KEY_TABLE = Path(__file__).resolve().parents[1] / "docs" / "official-checkpoint-keys.tsv"
-
-
-def official_key_table() -> list[tuple[str, tuple[int, ...]]]:
-    rows = []
-    for line in KEY_TABLE.read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape = line.split("\t")
-        rows.append((key, tuple(int(s) for s in shape.strip("() ").split(",") if s.strip())))
-    return rows
-
-
-def random_official_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    """A state dict with the release's exact names and shapes, filled with random values."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, shape in official_key_table():
-        if key.endswith("num_batches_tracked"):
-            state[key] = torch.tensor(100)
-        elif key.endswith("running_var"):
-            state[key] = torch.rand(shape, generator=g) + 0.5
-        else:
-            state[key] = torch.randn(shape, generator=g) * 0.1
-    return state
+from dfnet.model import PRESETS, Conv2dSame, DecoderBlock, DFNet, DFNetConfig, FusionBlock, build_model
 
 
 def test_official_parameter_count() -> None:
@@ -72,6 +35,22 @@ def test_decoder_widths_mirror_the_encoder() -> None:
     widths = [block.conv.out_channels for block in model.decoder]
     assert widths == [4, 64, 128, 256, 512, 512, 512, 512]
     assert [block.conv.kernel_size[0] for block in model.encoder] == [7, 5, 5, 3, 3, 3, 3, 3]
+
+
+def test_decoder_block_is_upsample_concat_conv_bn_leaky_relu() -> None:
+    """The spec's decoder block: nearest ×2 upsample, concat the skip, 3×3 conv (padding 1),
+    BatchNorm (running statistics in eval mode), LeakyReLU(0.2)."""
+    torch.manual_seed(0)
+    block = DecoderBlock(5, 2, 3).double().eval()
+    torch.nn.init.normal_(block.norm.running_mean)
+    torch.nn.init.uniform_(block.norm.running_var, 0.5, 2.0)
+    torch.nn.init.normal_(block.norm.weight)
+    x, skip = torch.randn(2, 5, 3, 4, dtype=torch.float64), torch.randn(2, 2, 6, 8, dtype=torch.float64)
+    upsampled = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    conv = F.conv2d(torch.cat([upsampled, skip], dim=1), block.conv.weight, block.conv.bias, padding=1)
+    norm = block.norm
+    normed = F.batch_norm(conv, norm.running_mean, norm.running_var, norm.weight, norm.bias, eps=norm.eps)
+    torch.testing.assert_close(block(x, skip), F.leaky_relu(normed, 0.2), rtol=0, atol=1e-12)
 
 
 def test_rejects_sizes_that_are_not_a_multiple() -> None:
@@ -158,65 +137,6 @@ def test_config_rejects_bad_values() -> None:
     with pytest.raises(ValueError, match="unknown preset"):
         build_model("huge")
     assert set(PRESETS) >= {"official", "small"}
-
-
-# ------------------------------------------------------------------ official checkpoints
-def test_every_official_key_maps_to_a_tensor_of_the_same_shape() -> None:
-    ours = build_model("official").state_dict()
-    table = official_key_table()
-    assert len(table) == len(ours)
-    for key, shape in table:
-        mapped = official_to_dfnet_key(key)
-        assert mapped in ours, key
-        assert tuple(ours[mapped].shape) == shape, key
-
-
-def test_import_round_trip_gives_the_release_output_on_rgb(tmp_path: Path) -> None:
-    """The release ran on BGR pixels; after import our RGB API must give the same completion."""
-    state = random_official_state_dict()
-    checkpoint = tmp_path / "model_places2.pth"
-    torch.save(state, checkpoint)
-    imported = import_official_checkpoint(checkpoint, tmp_path / "imported")
-    reloaded = DFNet.from_pretrained(tmp_path / "imported")
-    assert reloaded.provenance["output_quantization"] == "floor"
-
-    as_released = DFNet()  # same weights, channels untouched: what the release computed on BGR
-    load_official_state_dict(as_released, state, channel_order="rgb")
-    as_released.eval()
-
-    rgb = torch.rand(1, 3, 256, 256)
-    mask = torch.ones(1, 1, 256, 256)
-    mask[..., 60:140, 100:200] = 0
-    with torch.no_grad():
-        ours = reloaded(rgb, mask)
-        release = as_released(rgb.flip(1), mask)  # BGR in
-    for a, b in zip(ours.results, release.results):
-        torch.testing.assert_close(a, b.flip(1), atol=1e-5, rtol=0)
-    for a, b in zip(ours.alphas, release.alphas):
-        torch.testing.assert_close(a, b.flip(1), atol=1e-5, rtol=0)
-    torch.testing.assert_close(imported.state_dict()["encoder.3.conv.weight"], state["en_3.encode.0.conv.1.weight"])
-
-
-def test_import_reports_wrong_shape_and_missing_key() -> None:
-    state = random_official_state_dict()
-    state["de_2.decode.0.conv.weight"] = torch.zeros(128, 380, 3, 3)
-    del state["fuse_4.blend.blend.4.running_var"]
-    state["fuse_9.map2img.0.conv.weight"] = torch.zeros(3, 4, 1, 1)
-    with pytest.raises(CheckpointMismatchError) as error:
-        load_official_state_dict(DFNet(), state)
-    message = str(error.value)
-    assert "shape mismatch for 'de_2.decode.0.conv.weight'" in message
-    assert "(128, 380, 3, 3)" in message and "(128, 384, 3, 3)" in message
-    assert "missing key 'fusion.4.blend.layers.4.running_var'" in message
-    assert "unexpected key 'fuse_9.map2img.0.conv.weight'" in message
-
-
-def test_import_refuses_pickled_objects(tmp_path: Path) -> None:
-    """weights_only=True: a checkpoint carrying arbitrary Python objects is refused."""
-    path = tmp_path / "evil.pth"
-    torch.save({"en_0.encode.0.conv.1.weight": torch.zeros(1), "payload": Path("/")}, path)
-    with pytest.raises(Exception, match="(?i)weights.only|unsupported|global"):
-        import_official_checkpoint(path, tmp_path / "out")
 
 
 def test_alpha_init_starts_every_blend_near_the_given_alpha() -> None:

@@ -33,7 +33,11 @@ def _load_quality():
     spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(ROOT / "bench"))  # the script imports bench/_common.py
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
     return module
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dfnet.model import CheckpointMismatchError, DFNet, build_model
+from dfnet.model import DFNet, build_model
+from dfnet.official import CheckpointMismatchError
 from dfnet.pretrained import pretrained_dir
 from dfnet.sources import load_model, preset_name
 
@@ -38,7 +39,7 @@ def test_pretrained_name() -> None:
 
 def test_official_checkpoint(tmp_path: Path, s3_server) -> None:
     """A .pth in the release's layout is converted on load (keys from docs/'s key table)."""
-    from test_model import random_official_state_dict
+    from test_official import random_official_state_dict
 
     torch.save(random_official_state_dict(), tmp_path / "model_places2.pth")
     model, kind = load_model(tmp_path / "model_places2.pth")
