@@ -38,6 +38,20 @@ def cpu_name() -> str:
     return name
 
 
+def write_doc(doc: Path, key: str, text: str) -> None:
+    """Replace (or append) a benchmark's section of `doc` between its own markers; the rest of
+    the file belongs to other benchmarks."""
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    old = doc.read_text() if doc.is_file() else "# Performance\n\nWritten by the benchmarks in bench/.\n"
+    block = f"{start}\n{text}\n{end}"
+    if start in old:
+        new = old[: old.index(start)] + block + old[old.index(end) + len(end) :]
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(new)
+
+
 def prepared_data(params: Params, scratch: Path) -> Params:
     """`params` when its prepared data and mask pool are there and fit it, else `params` pointed
     at the bundled sample photos prepared into `scratch`: a benchmark runs on a fresh checkout and

@@ -35,11 +35,12 @@ def write_training_report(history: list[dict[str, Any]], out_dir: Path, elapsed_
     steps = [h for h in history if "loss_total" in h]
     vals = [h for h in history if "val_l1" in h]
     with open(out_dir / "train_history.csv", "w") as f:
-        f.write("step,loss_total,loss_structure,loss_texture,images_per_s\n")
+        f.write("step,loss_total,loss_structure,loss_texture,images_per_s,data_wait\n")
         for h in steps:
             texture = h["loss_perceptual"] + h["loss_style"] + h["loss_tv"]
             f.write(
-                f"{h['step']},{h['loss_total']:.6f},{h['loss_structure']:.6f},{texture:.6f},{h['images_per_s']:.2f}\n"
+                f"{h['step']},{h['loss_total']:.6f},{h['loss_structure']:.6f},{texture:.6f},{h['images_per_s']:.2f},"
+                f"{h['data_wait']:.4f}\n"
             )
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
     ax1.plot([h["step"] for h in steps], [h["loss_total"] for h in steps], label="total")
@@ -60,6 +61,8 @@ def write_training_report(history: list[dict[str, Any]], out_dir: Path, elapsed_
         "final_val_l1": vals[-1]["val_l1"] if vals else None,
         "final_val_bpe": vals[-1]["val_bpe"] if vals else None,
         "median_images_per_s": float(np.median([h["images_per_s"] for h in steps])) if steps else None,
+        # The share of step time spent waiting for batches: near 0 when the data keeps up.
+        "median_data_wait": float(np.median([h["data_wait"] for h in steps])) if steps else None,
         "elapsed_s": round(elapsed_s, 1),
     }
     (out_dir / "train.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -17,6 +17,7 @@ to `metrics/`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -27,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import ray.train.torch
@@ -34,6 +36,7 @@ import torch
 from ray.data import FileShuffleConfig
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
+from dfnet.data import stable_hash
 from dfnet.params import Params, parse_params
 from dfnet.reports import write_training_report
 from dfnet.storage import filesystem_for
@@ -44,6 +47,7 @@ from pipelines import ensure_ray, stage_params
 log = logging.getLogger("dfnet.train")
 STATE_FILE = "train_state.pt"
 SAMPLES_FILE = "samples.png"
+PROGRESS_FILE = "progress.json"  # the checkpoint's epoch and step, read without loading its state
 
 
 def _start_mlflow(config: dict[str, Any], params: Params, run_id: str | None) -> Any:
@@ -67,17 +71,36 @@ def _crop_batch(batch: dict[str, Any], crops: TrainingCrops, seed: int) -> dict[
     return crops.batch(batch["key"], batch["image"], (seed, passes))
 
 
-def crop_dataset(params: Params) -> ray.data.Dataset:
+def crop_dataset(params: Params, first_epoch: int = 0) -> ray.data.Dataset:
     """The training crops as a lazy Ray Data pipeline: shards in a seeded order per pass,
-    `crops_per_photo` crops and masks of each photo in CPU tasks that may run on any node."""
+    `crops_per_photo` crops and masks of each photo in CPU tasks that may run on any node.
+
+    Ray Data counts passes from 0 in every new driver, so a run resumed at `first_epoch` seeds
+    from it: its epochs draw new data instead of replaying the first epochs' photos and crops.
+    """
     t, data = params.train, params.data
     fs, root = filesystem_for(data.out_dir)
+    seed = stable_hash(f"{t.seed}:{first_epoch}") % 2**32
     crops = TrainingCrops(_absolute(params.masks.out), data.image_size, t.crops_per_photo, t.max_zoom_out)
     photos = ray.data.read_parquet(
-        f"{root}/train", filesystem=fs, columns=["key", "image"], shuffle=FileShuffleConfig(seed=t.seed)
+        f"{root}/train", filesystem=fs, columns=["key", "image"], shuffle=FileShuffleConfig(seed=seed)
     )
     # A few photos per task keep output blocks small (16 crops of 512² are 16 MB).
-    return photos.map_batches(_crop_batch, fn_args=(crops, t.seed), batch_size=4, batch_format="numpy")
+    return photos.map_batches(_crop_batch, fn_args=(crops, seed), batch_size=4, batch_format="numpy")
+
+
+def resumed_epoch(storage_path: str, name: str) -> int:
+    """The epoch run `name` goes on from: its latest checkpoint's, 0 for a new run."""
+    fs, root = filesystem_for(_absolute(storage_path))
+    run = f"{root.rstrip('/')}/{name}"
+    if fs.get_file_info(run).type == pafs.FileType.NotFound:
+        return 0
+    entries = fs.get_file_info(pafs.FileSelector(run))
+    checkpoints = sorted(i.path for i in entries if i.base_name.startswith("checkpoint_"))
+    for checkpoint in reversed(checkpoints):  # the newest with its progress written
+        with contextlib.suppress(FileNotFoundError), fs.open_input_stream(f"{checkpoint}/{PROGRESS_FILE}") as stream:
+            return int(json.loads(stream.read())["epoch"])
+    return 0
 
 
 def shard_batches(params: Params, rank: int) -> BatchSource:
@@ -123,6 +146,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             saved = None
             if rank == 0:
                 torch.save(checkpoint_state(state), Path(directory) / STATE_FILE)
+                progress = {"epoch": state["epoch"], "step": state["step"]}
+                (Path(directory) / PROGRESS_FILE).write_text(json.dumps(progress))
                 state["samples"].save(Path(directory) / SAMPLES_FILE)
                 if mlflow:
                     mlflow.log_param("loss.vgg_provenance", state["extra"]["vgg_provenance"])
@@ -170,7 +195,7 @@ def build_trainer(params: Params, extra_config: dict[str, Any] | None = None) ->
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
-        datasets={"train": crop_dataset(params)},
+        datasets={"train": crop_dataset(params, resumed_epoch(t.storage_path, config["name"]))},
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
             use_gpu=t.use_gpu,

@@ -30,7 +30,7 @@ from dfnet.storage import count_rows
 from dfnet.training import export_model, run_identity
 from pipelines.make_masks import make_masks
 from pipelines.prepare import prepare
-from pipelines.train import SAMPLES_FILE, STATE_FILE, build_trainer, load_checkpoint_state
+from pipelines.train import SAMPLES_FILE, STATE_FILE, build_trainer, load_checkpoint_state, resumed_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -216,6 +216,9 @@ def test_more_epochs_extend_the_run_from_its_checkpoint(first_run):
     state = load_checkpoint_state(first.checkpoint)
     longer = load_params_with(params, train={"epochs": params.train.epochs + 1})
     assert run_identity(longer) == run_identity(params)
+    # The driver finds where the run stands, so the extension's data is seeded from its epoch.
+    assert resumed_epoch(params.train.storage_path, run_identity(params)) == params.train.epochs
+    assert resumed_epoch(params.train.storage_path, "no-such-run") == 0
     extended = load_checkpoint_state(build_trainer(longer).fit().checkpoint)
     assert extended["step"] == state["step"] + steps_per_epoch(params)
     history = state["history"]
