@@ -150,8 +150,9 @@ def stage_params(work: Path, source: str, tag: str) -> Path:
     return path
 
 
-def crops_per_core(prepared: str, masks: str, sizes: tuple[int, ...], photos: int = 120) -> dict[int, float]:
-    """Crops per second of `TrainingCrops` on one thread, per crop size, from the stored photos."""
+def crops_per_core(prepared: str, masks: str, sizes: tuple[int, ...], photos: int = 120) -> dict[str, float]:
+    """Crops per second of `TrainingCrops` on one thread, per crop size and crops per photo (1: a
+    decode per crop, the worst case; params.yaml's: the decode shared), from the stored photos."""
     import cv2
     import torch
 
@@ -167,13 +168,15 @@ def crops_per_core(prepared: str, masks: str, sizes: tuple[int, ...], photos: in
         blobs += rows.column(1).to_pylist()
         if len(keys) >= photos:
             break
+    configured = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]["crops_per_photo"]
     rates = {}
     for size in sizes:
-        crops = TrainingCrops(masks, size, crops_per_photo=1)
-        crops.batch(keys[:2], blobs[:2], (0, 0))  # loads the mask pool
-        start = time.perf_counter()
-        out = crops.batch(keys[:photos], blobs[:photos], (0, 1))
-        rates[size] = len(out["photo"]) / (time.perf_counter() - start)
+        for per_photo in sorted({1, configured}):
+            crops = TrainingCrops(masks, size, per_photo)
+            crops.batch(keys[:2], blobs[:2], (0, 0))  # loads the mask pool
+            start = time.perf_counter()
+            out = crops.batch(keys[:photos], blobs[:photos], (0, 1))
+            rates[f"{size}² crops, {per_photo} per photo"] = len(out["photo"]) / (time.perf_counter() - start)
     return rates
 
 
@@ -211,7 +214,7 @@ def free_port() -> int:
 
 
 def embedded_data_wait(work: Path, env: dict[str, str]) -> dict[str, Any] | None:
-    """The median data-wait share of a short training run on the embedded default's prepared data."""
+    """The data-wait share of a short training run on the embedded default's prepared data."""
     prepared, masks = ROOT / "data" / "prepared", ROOT / "data" / "masks.npz"
     if not (prepared / "train").is_dir() or not masks.is_file():
         return None
@@ -225,7 +228,7 @@ def embedded_data_wait(work: Path, env: dict[str, str]) -> dict[str, Any] | None
     path.write_text(yaml.safe_dump(raw))
     run = run_stage("train", path, env, work / "train-embedded.log")
     summary = json.loads((work / "metrics-embedded" / "train.json").read_text())
-    return {**run, "data_wait": summary["median_data_wait"], "images_per_s": summary["median_images_per_s"]}
+    return {**run, "data_wait": summary["mean_data_wait"], "images_per_s": summary["median_images_per_s"]}
 
 
 def report(results: dict[str, Any], args: argparse.Namespace) -> str:
@@ -249,9 +252,9 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             verdict = "met" if max(ratio, largest) <= GOAL_RSS_RATIO else "NOT met"
             lines.append(f"- {name}: tree {ratio:.2f}×, largest process {largest:.2f}× ({verdict})")
     lines += ["", "Data path (one core, `TrainingCrops` from 512 px photos):", ""]
-    for size, rate in results["crops_per_core"].items():
-        verdict = "met" if rate >= GOAL_CROPS_PER_CORE else "NOT met"
-        lines.append(f"- {size}² crops: {rate:.0f} crops/s per core (goal ≥ {GOAL_CROPS_PER_CORE:.0f}: {verdict})")
+    for what, rate in results["crops_per_core"].items():
+        goal = f" (goal ≥ {GOAL_CROPS_PER_CORE:.0f} at 256²: {'met' if rate >= GOAL_CROPS_PER_CORE else 'NOT met'})"
+        lines.append(f"- {what}: {rate:.0f} crops/s per core" + (goal if what.startswith("256") else ""))
     for count, probe in results["stream"].items():
         lines.append(f"- plain stream over {count:,} photos: RSS +{probe['growth_mb']:.0f} MB "
                      f"(shuffle buffer {probe['buffer_mb']:.0f} MB)")  # fmt: skip

@@ -77,7 +77,7 @@ class TrainParams:
     epochs: int = 2
     crops_per_photo: int = 4  # one pass = this many fresh crops of every training photo
     steps_per_epoch: int | None = None  # None = an epoch is one pass
-    shuffle_buffer_mb: float = 32  # crops shuffled across photos, per data stream
+    shuffle_buffer_mb: float = 8  # crops shuffled across photos, per data stream
     max_zoom_out: float = 3.0  # crop windows of image_size × [1, this] stored pixels
     batch_size: int = 16  # per worker
     lr: float = 2e-4  # fine-tuning the shipped model; the paper starts at 2e-3

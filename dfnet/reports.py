@@ -61,8 +61,9 @@ def write_training_report(history: list[dict[str, Any]], out_dir: Path, elapsed_
         "final_val_l1": vals[-1]["val_l1"] if vals else None,
         "final_val_bpe": vals[-1]["val_bpe"] if vals else None,
         "median_images_per_s": float(np.median([h["images_per_s"] for h in steps])) if steps else None,
-        # The share of step time spent waiting for batches: near 0 when the data keeps up.
-        "median_data_wait": float(np.median([h["data_wait"] for h in steps])) if steps else None,
+        # The share of training time spent waiting for batches (mean over the log intervals, each
+        # epoch's start-up included): near 0 when the data keeps up.
+        "mean_data_wait": float(np.mean([h["data_wait"] for h in steps])) if steps else None,
         "elapsed_s": round(elapsed_s, 1),
     }
     (out_dir / "train.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -45,6 +45,7 @@ from dfnet.training import BatchSource, State, checkpoint_state, export_model, r
 from pipelines import ensure_ray, stage_params
 
 log = logging.getLogger("dfnet.train")
+WORKER_MEMORY = 512 * 2**20  # what a CPU worker reserves instead of CPUs (bytes)
 STATE_FILE = "train_state.pt"
 SAMPLES_FILE = "samples.png"
 PROGRESS_FILE = "progress.json"  # the checkpoint's epoch and step, read without loading its state
@@ -83,8 +84,8 @@ def crop_dataset(params: Params, first_epoch: int = 0) -> ray.data.Dataset:
     seed = stable_hash(f"{t.seed}:{first_epoch}") % 2**32
     crops = TrainingCrops(_absolute(params.masks.out), data.image_size, t.crops_per_photo, t.max_zoom_out)
     photos = ray.data.read_parquet(
-        f"{root}/train", filesystem=fs, columns=["key", "image"], shuffle=FileShuffleConfig(seed=seed)
-    )
+        f"{root}/train", filesystem=fs, shuffle=FileShuffleConfig(seed=seed)
+    ).select_columns(["key", "image"])
     # A few photos per task keep output blocks small (16 crops of 512² are 16 MB).
     return photos.map_batches(_crop_batch, fn_args=(crops, seed), batch_size=4, batch_format="numpy")
 
@@ -113,7 +114,8 @@ def shard_batches(params: Params, rank: int) -> BatchSource:
     def batches(epoch: int, pass_index: int) -> Iterator[Batch]:
         seed = int.from_bytes(hashlib.sha256(f"{t.seed}:{rank}:{epoch}:{pass_index}".encode()).digest()[:4], "big")
         columns = shard.iter_torch_batches(
-            batch_size=t.batch_size, drop_last=True, local_shuffle_buffer_size=buffer, local_shuffle_seed=seed
+            batch_size=t.batch_size, drop_last=True, local_shuffle_buffer_size=buffer, local_shuffle_seed=seed,
+            prefetch_batches=4,  # crops made while the step runs: the worker waits as little as possible
         )
         return (as_batch(c) for c in columns)
 
@@ -199,8 +201,10 @@ def build_trainer(params: Params, extra_config: dict[str, Any] | None = None) ->
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
             use_gpu=t.use_gpu,
-            # CPU workers never reserve every CPU, so a Tune driver or another task still fits.
-            resources_per_worker=None if t.use_gpu else {"CPU": min(1.0, max(cpus - 1, 1) / t.num_workers)},
+            # Workers hold no logical CPU (GPU ones take a GPU, Ray's default): CPU workers share the
+            # cores with Ray Data's decode tasks anyway, and any CPU they held could leave a node
+            # no whole CPU for a data task (both workers on one node after a failure).
+            resources_per_worker=None if t.use_gpu else {"memory": WORKER_MEMORY},
             # One worker per node while there are nodes enough; after a node dies, the restarted
             # group fits on the nodes left (tests/test_multinode.py).
             placement_strategy="SPREAD",
