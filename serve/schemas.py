@@ -57,7 +57,7 @@ Base64File = Annotated[bytes, BeforeValidator(_base64)]
 def parse_levels(text: str) -> tuple[int, ...]:
     """Fusion levels from a form field: "" → none, "0" or "0,2" → those, sorted, once each."""
     parts = [part.strip() for part in text.split(",") if part.strip()]
-    if not all(part.isdigit() for part in parts):
+    if not all(part.isascii() and part.isdigit() for part in parts):
         raise ValueError(f"expected fusion levels such as 0 or 0,1 (0 = the finest block), got {text!r}")
     return tuple(sorted({int(part) for part in parts}))
 
