@@ -31,7 +31,6 @@ import torch
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
-from fastapi.staticfiles import StaticFiles
 from ray import serve
 from ray.serve import Application, metrics
 
@@ -56,6 +55,7 @@ from serve.schemas import (
 
 logger = logging.getLogger("ray.serve")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+STATIC_FILES = {"editor.js": "text/javascript", "editor.css": "text/css"}
 SOURCE_ENV = "DFNET_MODEL_SOURCE"
 CHAMPION = "models:/dfnet@champion"
 PIPELINE_MODEL = Path("models/dfnet")  # the DVC pipeline's output, relative to the project root
@@ -414,9 +414,13 @@ class InpaintDeployment:
     async def page(self) -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
 
-
-# The page's script and style: plain files, no build step, nothing fetched from elsewhere.
-api.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    @api.get("/static/{name}", include_in_schema=False)
+    async def static(self, name: str) -> FileResponse:
+        """The page's script and style: plain files, no build step, nothing fetched from
+        elsewhere (a mount would not survive `serve.ingress`, which serves the routes only)."""
+        if name not in STATIC_FILES:
+            raise HTTPException(404, f"no static file {name!r}")
+        return FileResponse(STATIC_DIR / name, media_type=STATIC_FILES[name])
 
 
 def app_builder(args: ServeSettings) -> Application:
