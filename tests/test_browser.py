@@ -118,21 +118,32 @@ JS_MAGENTA = """() => {
     const c = document.getElementById("view"), d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
     let n = 0, sx = 0, sy = 0;
     for (let i = 0; i < d.length; i += 4) {
-        if (d[i] > 200 && d[i + 1] < 70 && d[i + 2] > 200) { n++; const p = i / 4; sx += p % c.width; sy += Math.floor(p / c.width); }
+        if (d[i] > 200 && d[i + 1] < 70 && d[i + 2] > 200) {
+            n++; const p = i / 4; sx += p % c.width; sy += Math.floor(p / c.width);
+        }
     }
     const r = c.getBoundingClientRect(), k = r.width / c.width;
     return n ? {count: n, x: r.left + (sx / n + 0.5) * k, y: r.top + (sy / n + 0.5) * k} : {count: 0};
 }"""
 JS_PIXEL = """([x, y]) => {
     const c = document.getElementById("view"), r = c.getBoundingClientRect(), k = c.width / r.width;
-    return Array.from(c.getContext("2d").getImageData(Math.floor((x - r.left) * k), Math.floor((y - r.top) * k), 1, 1).data.slice(0, 3));
+    const at = [Math.floor((x - r.left) * k), Math.floor((y - r.top) * k)];
+    return Array.from(c.getContext("2d").getImageData(at[0], at[1], 1, 1).data.slice(0, 3));
 }"""
 JS_GIVE = """async ([b64, name, how]) => {
     const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
     const data = new DataTransfer();
     data.items.add(new File([bytes], name, {type: "image/png"}));
     if (how === "paste") document.dispatchEvent(new ClipboardEvent("paste", {clipboardData: data, bubbles: true}));
-    else document.getElementById("stage").dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
+    else document.getElementById("stage").dispatchEvent(
+        new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
+}"""
+JS_PEN_STROKE = """([x, y]) => {
+    const overlay = document.getElementById("overlay");
+    for (const [type, dx] of [["pointerdown", 0], ["pointermove", 20], ["pointerup", 20]]) {
+        overlay.dispatchEvent(new PointerEvent(type, {pointerType: "pen", pointerId: 7, isPrimary: true,
+            clientX: x + dx, clientY: y, button: type === "pointermove" ? -1 : 0, buttons: 1, bubbles: true}));
+    }
 }"""
 # Chromium does not hand file-backed request bodies to Playwright, so the forms the page posts
 # are recorded as it passes them to fetch() and read back as sent.
@@ -337,6 +348,11 @@ def test_editor_walkthrough(page_url: str, artifacts_dir: Path, tmp_path: Path) 
             # Compare: the marker, filled in the result, is back while C is held or the slider is over.
             page.keyboard.press("Escape")
             expect(page.locator("#zoom-value")).to_have_text("100 %")
+            # Pens (and touch) paint too: pointer events, whatever the pointer.
+            page.evaluate(JS_PEN_STROKE, at(100, 250))
+            expect(page.locator("#undo")).to_be_enabled()
+            page.keyboard.press("Control+z")
+            expect(page.locator("#undo")).to_be_disabled()
             marker = at(*MARKER)
             assert editor.pixel(*marker) != list(MAGENTA)
             page.keyboard.down("c")

@@ -172,8 +172,16 @@ def test_health_model_page_and_docs(server: Server, client: httpx.Client) -> Non
 
     page = client.get("/")
     assert page.headers["content-type"].startswith("text/html")
-    for element in ('id="canvas"', 'id="inpaint"', 'id="result"', 'fetch("inpaint"'):
+    for element in ('id="view"', 'id="overlay"', 'id="inpaint"', 'id="view-alpha"', 'src="static/editor.js"'):
         assert element in page.text
+    # The page's own modules, served by the app (no build step, nothing from elsewhere).
+    script = client.get("/static/editor.js")
+    assert script.headers["content-type"].startswith("text/javascript") and 'fetch("inpaint"' in script.text
+    style = client.get("/static/editor.css")
+    assert style.headers["content-type"].startswith("text/css")
+    assert client.get("/static/../app.py").status_code == 404 and client.get("/static/nope.js").status_code == 404
+    for text in (page.text, script.text, style.text):  # works offline: nothing from the web
+        assert "http://" not in text and "https://" not in text
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
     (form,) = spec["paths"]["/inpaint"]["post"]["requestBody"]["content"].values()
