@@ -7,6 +7,8 @@ size, pads it by reflection to the multiple, runs windows of equal shape as one 
 only the hole pixels back. Pixels outside the hole are copied from the input untouched, so they
 come back bit-exact whatever the strategy.
 
+`Inpainter.explain_batch` also returns the fusion blocks' α and C over each photo (dfnet.explain).
+
 Masks from users follow a named convention: "hole-white" (white = fill, the default of most
 inpainting tools) or "known-white" (white = keep, the release's convention).
 """

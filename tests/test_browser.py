@@ -16,6 +16,7 @@ import base64
 import io
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -214,14 +215,20 @@ class Editor:
         self.frame()
         return self.page.evaluate(JS_PIXEL, [x, y])
 
-    def inpaint(self, timeout: float = 120_000) -> tuple[dict[str, bytes], bytes]:
-        """Click Inpaint; the form fields sent and the PNG answered, once the page has it."""
+    def inpaint(self, timeout: float = 120_000, watch: bool = False) -> tuple[dict[str, bytes], bytes]:
+        """Click Inpaint; the form fields sent and the PNG answered, once the page has it.
+        `watch`: also see the running indicator and its elapsed time (for a slow request)."""
         with self.page.expect_response(lambda r: r.url.endswith("/inpaint"), timeout=timeout) as answer:
             self.page.click("#inpaint")
+            if watch:
+                self.expect(self.page.locator("#busy")).to_be_visible()
+                self.expect(self.page.locator("#elapsed")).to_have_text(re.compile(r"^\d+\.\d s$"))
         response = answer.value
         assert response.status == 200 and response.headers["content-type"] == "image/png", response.text()
         self.expect(self.page.locator('#stage[data-busy="false"]')).to_be_attached(timeout=timeout)
         self.expect(self.page.locator("#error")).to_have_text("")
+        self.expect(self.page.locator("#busy")).to_be_hidden()
+        self.expect(self.page.locator("#status")).to_have_text(re.compile(r"^Inpainting done in \d+\.\d s$"))
         sent = {name: base64.b64decode(value) for name, value in self.page.evaluate(JS_LAST_FORM).items()}
         # The answer as the page holds it (what it shows and downloads).
         return sent, base64.b64decode(self.page.evaluate(JS_RESULT))
@@ -425,7 +432,7 @@ def check_large_photo(page: Any, editor: Editor, tmp_path: Path) -> None:
     after = page.evaluate("() => ({...window.dfnetEditor.stats})")
     assert after["segments"] > before["segments"] + 3
     assert after["imageRenders"] == before["imageRenders"]  # drawing never redraws the 12 MP photo
-    sent, answer = editor.inpaint(timeout=240_000)
+    sent, answer = editor.inpaint(timeout=240_000, watch=True)
     assert sent["image"] == path.read_bytes()  # sent at full size, as it is
     hole = hole_of(sent["mask"])
     assert hole.shape == (3000, 4000) and 0 < hole.sum() < 500_000  # 30 screen px: ~230 photo px

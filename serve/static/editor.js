@@ -596,7 +596,9 @@ function updateButtons() {
     const m = await resp.json();
     const parts = [m.name, m.preset && `preset ${m.preset}`,
       typeof m.parameters === "number" && `${(m.parameters / 1e6).toFixed(2)} M parameters`,
-      m.source && `from ${m.source}`, m.device && `on ${m.device}`,
+      // A local directory by its name; registry and s3:// sources as they are.
+      m.source && `from ${m.source.startsWith("/") ? m.source.split("/").filter(Boolean).pop() : m.source}`,
+      m.device && `on ${m.device}`,
       m.inference && `inference path: ${m.inference}`].filter(Boolean);
     el.textContent = "Serving: " + (parts.join(" · ") || "no details");
     const levels = m.config?.fusion_levels;
