@@ -3,6 +3,7 @@
 dfnet inpaint --image IMG --mask MASK --out OUT            # the shipped pretrained model
 dfnet inpaint --model DIR --image IMG --mask MASK --out OUT
 dfnet inpaint --model DIR --image PHOTOS/ --mask MASKS/ --out RESULTS/
+dfnet inpaint --image IMG --mask MASK --out OUT --explain DIR   # + the fusion blocks' α and C
 dfnet import-official model_places2.pth models/places2
 dfnet info --model DIR
 """
@@ -16,9 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+from PIL import Image
 from tqdm import tqdm
 
 from dfnet.accelerate import INFERENCE_PATHS, optimize_for_inference
+from dfnet.explain import PICTURES, FusionMaps, check_levels, pictures
 from dfnet.images import is_image_file, open_image
 from dfnet.inpaint import STRATEGIES, Inpainter
 from dfnet.masks import MASK_CONVENTIONS
@@ -71,6 +74,12 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
         runner = optimize_for_inference(model, device=args.device, path=args.inference, compile_after=None)
         print(f"inference path: {runner.path.name} ({runner.reason})", file=sys.stderr)
     inpainter = Inpainter(model, args.device, runner=runner)
+    levels: tuple[int, ...] = ()
+    if args.explain:
+        try:
+            levels = check_levels(model, parse_levels(args.explain_levels))
+        except ValueError as error:
+            raise SystemExit(f"error: --explain-levels: {error}") from None
     failures = 0
     seconds: list[float] = []
     for index, (image_path, mask_path, out_path) in enumerate(
@@ -80,7 +89,12 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
             image = open_image(image_path.read_bytes())  # EXIF-rotated; L, RGB or RGBA
             mask = open_image(mask_path.read_bytes())
             start = time.perf_counter()
-            result = inpainter.inpaint(image, mask, mask_convention=args.mask_convention, strategy=args.strategy)
+            if levels:
+                ((result, maps),) = inpainter.explain_batch(
+                    [image], [mask], levels=levels, mask_convention=args.mask_convention, strategy=args.strategy
+                )
+            else:
+                result = inpainter.inpaint(image, mask, mask_convention=args.mask_convention, strategy=args.strategy)
             seconds.append(time.perf_counter() - start)
         except (OSError, ValueError) as error:  # one bad file must not stop a folder run
             failures += 1
@@ -90,8 +104,26 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
             runner.compile_after = 2 if worth_compiling(len(triples) - index - 1, statistics.median(seconds)) else None
         out_path.parent.mkdir(parents=True, exist_ok=True)
         result.save(out_path)
+        if levels:
+            write_explained(Path(args.explain), image_path.stem, maps)
     print(f"wrote {len(triples) - failures} image(s) to {args.out}" + (f"; {failures} failed" if failures else ""))
     return 1 if failures else 0
+
+
+def parse_levels(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"expected levels such as 0 or 0,1,2, got {text!r}") from None
+
+
+def write_explained(directory: Path, stem: str, maps: list[FusionMaps]) -> None:
+    """`{stem}-fusion{level}-{picture}.png` for each block and picture (dfnet.explain.PICTURES)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for block in maps:
+        drawn = pictures(block)
+        for name in PICTURES:
+            Image.fromarray(drawn[name]).save(directory / f"{stem}-fusion{block.level}-{name}.png")
 
 
 def cmd_import_official(args: argparse.Namespace) -> int:
@@ -140,6 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="how the network runs (dfnet.accelerate): auto = the fastest path for this machine "
         "(compiled; bf16 where native, else int8; an image size compiles once enough images of it remain "
         "to pay the compile back, else runs eagerly), off = the plain model",
+    )
+    p.add_argument(
+        "--explain",
+        metavar="DIR",
+        help="also write, per image, the fusion blocks' alpha map (a heat map of its channel mean, and per "
+        "channel as RGB) and raw completion C over the photo: DIR/{stem}-fusion{level}-{alpha,alpha_rgb,raw}.png",
+    )
+    p.add_argument(
+        "--explain-levels",
+        default="0",
+        help="fusion blocks for --explain, comma-separated: 0 = the finest (default), higher = coarser",
     )
     p.set_defaults(func=cmd_inpaint)
 

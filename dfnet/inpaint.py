@@ -7,6 +7,8 @@ size, pads it by reflection to the multiple, runs windows of equal shape as one 
 only the hole pixels back. Pixels outside the hole are copied from the input untouched, so they
 come back bit-exact whatever the strategy.
 
+`Inpainter.explain_batch` also returns the fusion blocks' α and C over each photo (dfnet.explain).
+
 Masks from users follow a named convention: "hole-white" (white = fill, the default of most
 inpainting tools) or "known-white" (white = keep, the release's convention).
 """
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dfnet.explain import FusionMaps, capture_fusion, check_levels
 from dfnet.masks import mask_from_image
 from dfnet.model import DFNet
 
@@ -145,6 +148,35 @@ class Inpainter:
         strategy: Strategy = "auto",
     ) -> list[Image.Image]:
         """Complete many images; windows of equal network shape share forward passes."""
+        return self._complete(images, masks, mask_convention, strategy, ())[0]
+
+    def explain_batch(
+        self,
+        images: Sequence[Image.Image | np.ndarray],
+        masks: Sequence[Image.Image | np.ndarray],
+        *,
+        levels: Sequence[int] = (0,),
+        mask_convention: str = "hole-white",
+        strategy: Strategy = "auto",
+    ) -> list[tuple[Image.Image, list[FusionMaps]]]:
+        """`inpaint_batch`, plus the α and C maps of the fusion blocks at `levels` (0 = the
+        finest) over each photo (dfnet.explain). The images are exactly `inpaint_batch`'s: they
+        come from the same runner; the maps from one more pass of the plain model, with forward
+        hooks on its fusion blocks for that pass only."""
+        levels = check_levels(self.model, levels)
+        if not levels:
+            raise ValueError("explain needs at least one fusion level")
+        results, maps = self._complete(images, masks, mask_convention, strategy, levels)
+        return list(zip(results, maps, strict=True))
+
+    def _complete(
+        self,
+        images: Sequence[Image.Image | np.ndarray],
+        masks: Sequence[Image.Image | np.ndarray],
+        mask_convention: str,
+        strategy: Strategy,
+        levels: tuple[int, ...],
+    ) -> tuple[list[Image.Image], list[list[FusionMaps]]]:
         if len(images) != len(masks):
             raise ValueError(f"got {len(images)} images but {len(masks)} masks")
         if strategy not in STRATEGIES:
@@ -158,6 +190,11 @@ class Inpainter:
                 raise ValueError(f"mask size {known.shape[::-1]} differs from image size {rgb.shape[1::-1]} (W×H)")
             holes.append(known == 0)
         filled = [rgb.copy() for rgb in rgbs]
+        alpha_channels = self.model.config.alpha_channels
+        maps = [
+            [FusionMaps(k, np.zeros((*rgb.shape[:2], alpha_channels), np.uint8), rgb.copy()) for k in levels]
+            for rgb in rgbs
+        ]
 
         # Plan: (image index, window, network input size) for every window, grouped by size.
         groups: dict[tuple[int, int], list[tuple[int, Window, float]]] = {}
@@ -178,8 +215,33 @@ class Inpainter:
                     completed = self.runner(image_t, known_t).float()
                 for (i, w, s), out in zip(chunk, completed):
                     self._paste(filled[i], holes[i], w, s, out)
+                if levels:
+                    self._paste_maps(image_t, known_t, size, chunk, [maps[i] for i, _, _ in chunk], levels)
 
-        return [_restore_mode(orig, rgb_filled, hole) for orig, rgb_filled, hole in zip(originals, filled, holes)]
+        results = [_restore_mode(orig, rgb_filled, hole) for orig, rgb_filled, hole in zip(originals, filled, holes)]
+        return results, maps
+
+    def _paste_maps(
+        self,
+        image_t: torch.Tensor,
+        known_t: torch.Tensor,
+        size: tuple[int, int],
+        chunk: list[tuple[int, Window, float]],
+        targets: list[list[FusionMaps]],
+        levels: tuple[int, ...],
+    ) -> None:
+        """One pass of the plain model over a batch, hooked; its maps pasted over the windows."""
+        with torch.inference_mode(), capture_fusion(self.model, levels) as captured:
+            self.model(image_t, known_t)
+        for k, level in enumerate(levels):
+            ((alpha, raw),) = captured[level]  # one call per block and pass
+            alpha = F.interpolate(alpha, size=size, mode="nearest")  # the block's pixels, repeated
+            raw = F.interpolate(raw, size=size, mode="nearest")
+            for j, ((_, window, scale), image_maps) in enumerate(zip(chunk, targets, strict=True)):
+                maps = image_maps[k]
+                region = (slice(window.y0, window.y1), slice(window.x0, window.x1))
+                maps.alpha[region] = self._window_pixels(alpha[j], window, scale, "round")
+                maps.raw[region] = self._window_pixels(raw[j], window, scale, self.quantization)
 
     # ------------------------------------------------------------------ internals
     def _round_up(self, length: float) -> int:
@@ -215,14 +277,19 @@ class Inpainter:
         known_t = F.pad(known_t, (0, pad_w, 0, pad_h), value=1.0)
         return image, known_t
 
-    def _paste(self, target: np.ndarray, hole: np.ndarray, window: Window, scale: float, out: torch.Tensor) -> None:
+    def _window_pixels(self, out: torch.Tensor, window: Window, scale: float, quantization: str) -> np.ndarray:
+        """A network output (C×H×W, [0, 1], at the padded network size) back to the window's
+        own size: the padding cropped off, the scale undone. H×W×C uint8."""
         height, width = window.height, window.width
         if scale >= 1.0:
             out = out[:, :height, :width]
         else:
             small = (round(height * scale), round(width * scale))
             out = F.interpolate(out[None, :, : small[0], : small[1]], size=(height, width), mode="bilinear")[0]
-        pixels = _to_uint8(out[None], self.quantization)[0]
+        return _to_uint8(out[None], quantization)[0]
+
+    def _paste(self, target: np.ndarray, hole: np.ndarray, window: Window, scale: float, out: torch.Tensor) -> None:
+        pixels = self._window_pixels(out, window, scale, self.quantization)
         region = target[window.y0 : window.y1, window.x0 : window.x1]
         region_hole = hole[window.y0 : window.y1, window.x0 : window.x1]
         region[region_hole] = pixels[region_hole]

@@ -4,7 +4,7 @@ validate them and the OpenAPI page documents them)."""
 import base64
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, NonNegativeFloat, PositiveInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveInt
 
 from dfnet.accelerate import INFERENCE_PATHS
 from dfnet.inpaint import STRATEGIES
@@ -51,10 +51,55 @@ def _base64(value: Any) -> Any:
     return base64.b64decode("".join(value.split()), validate=True)
 
 
+Base64File = Annotated[bytes, BeforeValidator(_base64)]
+
+
+def parse_levels(text: str) -> tuple[int, ...]:
+    """Fusion levels from a form field: "" → none, "0" or "0,2" → those, sorted, once each."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not all(part.isascii() and part.isdigit() for part in parts):
+        raise ValueError(f"expected fusion levels such as 0 or 0,1 (0 = the finest block), got {text!r}")
+    return tuple(sorted({int(part) for part in parts}))
+
+
 class InpaintJSON(BaseModel):
     """The JSON form of a request: the two files base64-encoded."""
 
-    image: Annotated[bytes, BeforeValidator(_base64)]
-    mask: Annotated[bytes, BeforeValidator(_base64)]
+    image: Base64File
+    mask: Base64File
     mask_convention: MaskConvention = "hole-white"
     strategy: StrategyName = "auto"
+    # Fusion blocks to explain (0 = the finest); non-empty → the answer is `Explained` JSON.
+    explain: list[NonNegativeInt] = Field(default=[], max_length=16)
+
+
+class IOPaintRequest(BaseModel):
+    """IOPaint's (lama-cleaner's) `/api/v1/inpaint` body. Its other fields (model settings,
+    prompts, HD strategy) are accepted and ignored: DFNet has no such knobs."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    image: Base64File = Field(description="base64, or a data URL: PNG, JPEG or WebP")
+    mask: Base64File = Field(description="base64, or a data URL: same size as the image, white = fill")
+
+
+class FusionPictures(BaseModel):
+    """One fusion block's pictures over the whole photo, as PNG data URLs."""
+
+    level: int = Field(description="0 = the finest block (full resolution)")
+    scale: float = Field(description="the block's resolution relative to the network input (1/2**level)")
+    alpha: str = Field(description="heat map of α averaged over its channels (inferno: dark = input kept)")
+    alpha_rgb: str = Field(description="α per colour channel, as that channel")
+    raw: str = Field(description="the raw completion C, before blending with the input")
+
+
+class Explained(BaseModel):
+    """The answer of an explained request: the completed image, exactly the PNG the plain
+    request answers, and for each fusion block asked α and C. Where the network did not run
+    (outside the windows around the holes of a large photo) α is 0 and C the input."""
+
+    image: str = Field(description="the completed image, a PNG data URL")
+    width: int
+    height: int
+    alpha_channels: int = Field(description="1 (one α per pixel) or 3 (one per colour channel)")
+    fusion: list[FusionPictures]

@@ -172,14 +172,29 @@ def test_health_model_page_and_docs(server: Server, client: httpx.Client) -> Non
 
     page = client.get("/")
     assert page.headers["content-type"].startswith("text/html")
-    for element in ('id="canvas"', 'id="inpaint"', 'id="result"', 'fetch("inpaint"'):
+    for element in ('id="view"', 'id="overlay"', 'id="inpaint"', 'id="view-alpha"', 'src="static/editor.js"'):
         assert element in page.text
+    # The page's own modules, served by the app (no build step, nothing from elsewhere).
+    script = client.get("/static/editor.js")
+    assert script.headers["content-type"].startswith("text/javascript") and 'fetch("inpaint"' in script.text
+    style = client.get("/static/editor.css")
+    assert style.headers["content-type"].startswith("text/css")
+    assert client.get("/static/../app.py").status_code == 404 and client.get("/static/nope.js").status_code == 404
+    for text in (page.text, script.text, style.text):  # works offline: nothing from the web
+        assert "http://" not in text and "https://" not in text
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
     (form,) = spec["paths"]["/inpaint"]["post"]["requestBody"]["content"].values()
     schemas = spec["components"]["schemas"]
     assert schemas[form["schema"]["$ref"].rpartition("/")[2]]["required"] == ["image", "mask"]
     assert "application/json" in spec["paths"]["/inpaint/base64"]["post"]["requestBody"]["content"]
+    iopaint = spec["paths"]["/api/v1/inpaint"]["post"]
+    assert (
+        "application/json" in iopaint["requestBody"]["content"]
+        and "image/png" in iopaint["responses"]["200"]["content"]
+    )
+    assert {"image", "fusion"} <= set(schemas["Explained"]["properties"])
+    assert "explain" in schemas[form["schema"]["$ref"].rpartition("/")[2]]["properties"]
 
 
 # --------------------------------------------------------------------------- valid requests
@@ -212,6 +227,61 @@ def test_json_base64_and_data_url(client: httpx.Client) -> None:
     result = np.asarray(decode_png(client.post("/inpaint/base64", json=payload)))
     assert result.shape == (64, 96, 3)
     np.testing.assert_array_equal(result[~hole], np.asarray(image)[~hole])
+
+
+def data_url_pixels(url: str) -> np.ndarray:
+    header, _, data = url.partition(",")
+    assert header == "data:image/png;base64"
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))))
+
+
+def test_explain_answers_the_same_image_and_the_fusion_maps(client: httpx.Client) -> None:
+    image = random_image(90, 130, seed=8)
+    hole = rect_mask(90, 130, (20, 30, 60, 90))
+    request = multipart(encode(image), mask_png(hole))
+    plain = decode_png(client.post("/inpaint", **request))
+    assert plain.format == "PNG"  # the default answer is unchanged: the PNG itself
+    request["data"]["explain"] = "2,0"
+    response = client.post("/inpaint", **request)
+    assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+    body = response.json()
+    np.testing.assert_array_equal(data_url_pixels(body["image"]), np.asarray(plain))  # the very same image
+    assert (body["width"], body["height"], body["alpha_channels"]) == (130, 90, 3)
+    assert [block["level"] for block in body["fusion"]] == [0, 2]
+    assert [block["scale"] for block in body["fusion"]] == [1.0, 0.25]
+    for block in body["fusion"]:
+        for name in ("alpha", "alpha_rgb", "raw"):
+            assert data_url_pixels(block[name]).shape == (90, 130, 3)
+    # The JSON route takes a list; the maps are the same.
+    payload = {"image": base64.b64encode(encode(image)).decode(), "mask": base64.b64encode(mask_png(hole)).decode()}
+    (block,) = client.post("/inpaint/base64", json={**payload, "explain": [0]}).json()["fusion"]
+    np.testing.assert_array_equal(data_url_pixels(block["alpha"]), data_url_pixels(body["fusion"][0]["alpha"]))
+    # Unbatched, on the plain model (inference off), through the same model process path.
+    unbatched = httpx.post(client.base_url.join("/nobatch/inpaint"), timeout=60, **request)
+    assert [b["level"] for b in unbatched.json()["fusion"]] == [0, 2]
+
+
+def test_iopaint_route(client: httpx.Client) -> None:
+    """IOPaint's own JSON (its extra fields included) with data URLs; the answer is the PNG."""
+    image = random_image(72, 100, seed=9)
+    hole = rect_mask(72, 100, (10, 20, 40, 70))
+    body = {
+        "image": "data:image/png;base64," + base64.b64encode(encode(image)).decode(),
+        "mask": "data:image/png;base64," + base64.b64encode(mask_png(hole)).decode(),
+        "ldm_steps": 20,
+        "hd_strategy": "Crop",
+        "prompt": "",
+        "sd_seed": 42,
+    }
+    response = client.post("/api/v1/inpaint", json=body)
+    result = np.asarray(decode_png(response))
+    np.testing.assert_array_equal(result[~hole], np.asarray(image)[~hole])
+    assert (result[hole] != np.asarray(image)[hole]).any()
+    # Plain base64 (no data: prefix) works too, and gives the same image as /inpaint.
+    plain = {k: v.partition(",")[2] if k in ("image", "mask") else v for k, v in body.items()}
+    again = np.asarray(decode_png(client.post("/api/v1/inpaint", json=plain)))
+    same = np.asarray(decode_png(client.post("/inpaint", **multipart(encode(image), mask_png(hole)))))
+    np.testing.assert_array_equal(again, same)
 
 
 def test_known_white_convention(client: httpx.Client) -> None:
@@ -363,6 +433,7 @@ def _bad_requests() -> list[tuple[str, str, int, dict]]:
     gif = encode(random_image(64, 64, seed=32), "GIF")
     big = encode(Image.new("RGB", (600, 600)))  # 360,000 px > 512² yet a small upload
     b64 = base64.b64encode(image).decode()
+    small_mask = base64.b64encode(mask_png(rect_mask(32, 64, (0, 0, 5, 5)))).decode()
     return [
         ("not an image", "/inpaint", 422, multipart(b"hello, I am text", mask)),
         ("truncated file", "/inpaint", 422, multipart(_truncated_png(), mask)),
@@ -405,6 +476,14 @@ def _bad_requests() -> list[tuple[str, str, int, dict]]:
         ("JSON image not a string", "/inpaint/base64", 422, {"json": {"image": 12, "mask": 3}}),
         ("JSON huge", "/inpaint/base64", 413, {"json": {"image": b64 * 40, "mask": b64 * 40}}),
         ("JSON not an image", "/inpaint/base64", 422, {"json": {"image": "aGVsbG8=", "mask": b64}}),
+        ("explain not levels", "/inpaint", 422, multipart(image, mask, explain="finest")),
+        ("explain a missing level", "/inpaint", 422, multipart(image, mask, explain="0,9")),
+        ("JSON explain negative", "/inpaint/base64", 422, {"json": {"image": b64, "mask": b64, "explain": [-1]}}),
+        ("IOPaint missing mask", "/api/v1/inpaint", 422, {"json": {"image": b64}}),
+        ("IOPaint bad base64", "/api/v1/inpaint", 422, {"json": {"image": "data:image/png;base64,!!", "mask": b64}}),
+        ("IOPaint not an image", "/api/v1/inpaint", 422, {"json": {"image": "aGVsbG8=", "mask": b64}}),
+        ("IOPaint mask size differs", "/api/v1/inpaint", 422, {"json": {"image": b64, "mask": small_mask}}),
+        ("IOPaint huge", "/api/v1/inpaint", 413, {"json": {"image": b64 * 40, "mask": b64 * 40}}),
     ]
 
 
