@@ -44,8 +44,8 @@ from dfnet.evaluation import (
     evaluate_heldout,
 )
 from dfnet.losses import DFNetLoss
-from dfnet.model import DFNet, FusionMode
-from dfnet.params import Params, load_params
+from dfnet.model import DFNet
+from dfnet.params import FusionMode, Params, load_params
 from dfnet.storage import count_rows
 from dfnet.training import train
 
@@ -144,7 +144,7 @@ def train_variant(variant: Variant, params: Params, seed: int, device: str) -> t
     """`variant` trained from `seed` by the project's training loop, and what the report says of it."""
     tick, vparams = time.perf_counter(), variant.params(params, seed)
     state = train(vparams, device)
-    model = vparams.model.build().to(device)
+    model = DFNet.from_params(vparams.model).to(device)
     model.load_state_dict(state["model"])
     info = {
         "title": variant.title, "fusion": variant.fusion, "fusion_blocks": len(model.fusion), "steps": state["step"],

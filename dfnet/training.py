@@ -191,7 +191,7 @@ def run_identity(params: Params) -> str:
     return f"{params.train.run_name}-{digest}"
 
 
-def sample_grid(model: DFNet, images: Tensor, masks: Tensor, rows: int = 6) -> Image.Image:
+def sample_grid(model: DFNet, images: Tensor, masks: Tensor, rows: int) -> Image.Image:
     """A picture of what the model does: input with hole (grey) | completion | ground truth."""
     was_training = model.training
     model.eval()
@@ -255,7 +255,7 @@ def train(
     t = params.train
     torch.manual_seed(t.seed + rank)
     amp = t.amp and device.type == "cuda"
-    model = params.model.build().to(device)
+    model = DFNet.from_params(params.model).to(device)
     loss_fn = DFNetLoss(params.loss).to(device)
     optimizer, scheduler = make_optimizer(model, t)
     scaler = torch.amp.GradScaler("cuda") if amp and not torch.cuda.is_bf16_supported() else None
@@ -322,7 +322,7 @@ def train(
 
 def export_model(params: Params, state: State, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write the trained weights as a model directory with their provenance."""
-    model = params.model.build()
+    model = DFNet.from_params(params.model)
     model.load_state_dict(state["model"])
     provenance = {
         "source": "trained",

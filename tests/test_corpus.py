@@ -30,8 +30,9 @@ from dfnet.corpus import (
     parse_readme_licences,
     read_rcc,
 )
-from dfnet.params import CorpusParams
+from dfnet.params import CorpusParams, load_params
 
+REPO = Path(__file__).resolve().parents[1]
 needs_dpkg = pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb (Debian tools)")
 
 
@@ -177,12 +178,13 @@ def debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _params(tmp_path: Path, max_short_side: int = 200) -> CorpusParams:
-    return CorpusParams(
-        out_dir=str(tmp_path / "corpus"),
-        manifest=str(tmp_path / "docs" / "manifest.tsv"),
-        download_dir=str(tmp_path / "debs"),
-        max_short_side=max_short_side,
-    )
+    corpus = {
+        "out_dir": str(tmp_path / "corpus"),
+        "manifest": str(tmp_path / "docs" / "manifest.tsv"),
+        "download_dir": str(tmp_path / "debs"),
+        "max_short_side": max_short_side,
+    }
+    return load_params(REPO / "params.yaml", {"corpus": corpus}).corpus
 
 
 def _read_manifest(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
