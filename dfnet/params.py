@@ -177,18 +177,20 @@ class Params:
 
 
 T = TypeVar("T")
+# What a file with missing keys most likely is: a recipe passed as the params file.
+_OVERLAY_HINT = "(a recipe is an overlay on params.yaml: pass it as `--recipe`, or load_params(recipe=...))"
 
 
 def _build(cls: type[T], values: Any, where: str) -> T:
     if not isinstance(values, dict):
-        raise ValueError(f"params.yaml: section '{where}' is missing (or not a mapping)")
+        raise ValueError(f"params.yaml: section '{where}' is missing (or not a mapping) {_OVERLAY_HINT}")
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"params.yaml: unknown key(s) {unknown} in section '{where}'")
     missing = sorted(f"{where}.{name}" for name in names - set(values))
     if missing:
-        raise ValueError(f"params.yaml: missing key(s) {missing} (a recipe is an overlay: see load_params)")
+        raise ValueError(f"params.yaml: missing key(s) {missing} {_OVERLAY_HINT}")
     return cls(**values)
 
 

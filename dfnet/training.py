@@ -1,6 +1,6 @@
 """The one training loop: plain PyTorch on one CPU or GPU, or inside a Ray Train worker.
 
-    python -m dfnet.training [--params params.yaml] [--run-dir runs/plain] [--device cuda]
+    python -m dfnet.training [--params params.yaml] [--recipe recipes/R.yaml] [--run-dir runs/plain] [--device cuda]
 
 :func:`train` owns everything a training run is: the model, the loss, the batches of photo
 crops (the plain stream of :mod:`dfnet.train_data`, or a Ray Data shard the caller passes), Adam
@@ -348,12 +348,13 @@ def main(argv: list[str] | None = None) -> None:
     """Train without Ray: one process, one device, checkpoints in `--run-dir/<run identity>`."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--recipe", help="an overlay on --params (only the keys it changes): recipes/*.yaml")
     parser.add_argument("--run-dir", default="runs/plain", help="checkpoints go to <run-dir>/<run identity>/")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out-dir", default=None, help="model directory (default: train.out_dir)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    params = load_params(args.params)
+    params = load_params(args.params, recipe=args.recipe)
     run_dir = Path(args.run_dir) / run_identity(params)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = run_dir / "state.pt"
