@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from dfnet.corpus import (
@@ -283,13 +284,9 @@ def test_fallback_without_apt(
     empty_bin.mkdir()
     monkeypatch.setenv("PATH", str(empty_bin))  # no apt-get, no dpkg-deb
     params_yaml = tmp_path / "params.yaml"
-    params_yaml.write_text(
-        "corpus:\n"
-        f"  out_dir: {tmp_path / 'corpus'}\n"
-        f"  manifest: {tmp_path / 'manifest.tsv'}\n"
-        f"  download_dir: {tmp_path / 'debs'}\n"
-        "  max_short_side: 128\n"
-    )
+    corpus = {"out_dir": str(tmp_path / "corpus"), "manifest": str(tmp_path / "manifest.tsv"),
+              "download_dir": str(tmp_path / "debs"), "max_short_side": 128}  # fmt: skip
+    params_yaml.write_text(yaml.safe_dump(load_params(REPO / "params.yaml", {"corpus": corpus}).to_dict()))
     with caplog.at_level(logging.INFO):
         stage.main(["--params", str(params_yaml)])
 
