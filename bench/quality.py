@@ -1,6 +1,6 @@
 """Quality evidence for DFNet: its ablations and classical baselines, trained on equal budgets.
 
-    python bench/quality.py [--params params.yaml] [--epochs E] [--crops-per-photo C] [--seeds 3]
+    python bench/quality.py [--params params.yaml] [--recipe R] [--epochs E] [--crops-per-photo C] [--seeds 3]
                             [--max-photos N] [--model NAME=DIR ...] [--device cpu|cuda]
                             [--threads N] [--out docs/results.md]
 
@@ -44,8 +44,8 @@ from dfnet.evaluation import (
     evaluate_heldout,
 )
 from dfnet.losses import DFNetLoss
-from dfnet.model import DFNet, FusionMode
-from dfnet.params import Params, load_params
+from dfnet.model import DFNet
+from dfnet.params import FusionMode, Params, load_params
 from dfnet.storage import count_rows
 from dfnet.training import train
 
@@ -144,7 +144,7 @@ def train_variant(variant: Variant, params: Params, seed: int, device: str) -> t
     """`variant` trained from `seed` by the project's training loop, and what the report says of it."""
     tick, vparams = time.perf_counter(), variant.params(params, seed)
     state = train(vparams, device)
-    model = vparams.model.build().to(device)
+    model = DFNet.from_params(vparams.model).to(device)
     model.load_state_dict(state["model"])
     info = {
         "title": variant.title, "fusion": variant.fusion, "fusion_blocks": len(model.fusion), "steps": state["step"],
@@ -356,6 +356,7 @@ The command above; `--model places2=models/places2` adds the authors' Places2 we
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--recipe", help="an overlay on --params, e.g. recipes/pretrained.yaml")
     parser.add_argument("--epochs", type=int, help="training epochs per method and seed (default: params.yaml)")
     parser.add_argument("--crops-per-photo", type=int, help="crops of every photo per epoch (default: params.yaml)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per trained method")
@@ -377,7 +378,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     flags = {"train": {"epochs": args.epochs, "crops_per_photo": args.crops_per_photo},
              "evaluate": {"max_photos": args.max_photos}}  # fmt: skip
-    params = load_params(args.params, {s: {k: v for k, v in f.items() if v is not None} for s, f in flags.items()})
+    overrides = {s: {k: v for k, v in f.items() if v is not None} for s, f in flags.items()}
+    params = load_params(args.params, overrides, recipe=args.recipe)
     extra = dict(item.split("=", 1) for item in args.model if "=" in item)
     if len(extra) != len(args.model) or set(extra) & ({v.name for v in VARIANTS} | set(BASELINES)):
         raise SystemExit(f"--model expects new NAME=DIR pairs, got {args.model}")

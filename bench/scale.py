@@ -156,6 +156,7 @@ def crops_per_core(prepared: str, masks: str, sizes: tuple[int, ...], photos: in
     import cv2
     import torch
 
+    from dfnet.params import load_params
     from dfnet.storage import iter_rows, split_files
     from dfnet.train_data import TrainingCrops
 
@@ -172,7 +173,7 @@ def crops_per_core(prepared: str, masks: str, sizes: tuple[int, ...], photos: in
     rates = {}
     for size in sizes:
         for per_photo in sorted({1, configured}):
-            crops = TrainingCrops(masks, size, per_photo)
+            crops = TrainingCrops(masks, size, per_photo, load_params(ROOT / "params.yaml").train.max_zoom_out)
             crops.batch(keys[:2], blobs[:2], (0, 0))  # loads the mask pool
             start = time.perf_counter()
             out = crops.batch(keys[:photos], blobs[:photos], (0, 1))
@@ -182,12 +183,15 @@ def crops_per_core(prepared: str, masks: str, sizes: tuple[int, ...], photos: in
 
 def stream_probe(prepared: str, masks: str, batches: int, buffer_mb: float) -> dict[str, float]:
     """RSS growth of the plain loop's stream (one process, no DataLoader workers) over `batches`."""
+    from dfnet.params import load_params
     from dfnet.train_data import CropStream, TrainingCrops, crop_batches, shuffle_buffer_items
 
+    train = load_params(ROOT / "params.yaml").train
     me = psutil.Process()
     before, peak = me.memory_info().rss, 0
-    stream = CropStream(prepared, TrainingCrops(masks, 128, 4), shuffle_buffer_items(buffer_mb, 128))
-    source = crop_batches(stream, 16)
+    crops = TrainingCrops(masks, 128, 4, train.max_zoom_out)
+    stream = CropStream(prepared, crops, shuffle_buffer_items(buffer_mb, 128), train.seed)
+    source = crop_batches(stream, 16, 0)
     for index, _ in enumerate(source(0, 0)):
         peak = max(peak, me.memory_info().rss)
         if index + 1 == batches:

@@ -176,19 +176,15 @@ def resize_short_side(image: np.ndarray, side: int, upscale: bool = True) -> np.
     return np.asarray(pil.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0), dtype=np.uint8).copy()
 
 
-def train_crop(
-    image: np.ndarray, size: int, rng: np.random.Generator, max_zoom_out: float = 4.0
-) -> tuple[np.ndarray, float]:
+def train_crop(image: np.ndarray, size: int, rng: np.random.Generator, max_zoom_out: float) -> tuple[np.ndarray, float]:
     """A fresh training crop: random scale, position and horizontal flip, resampled to ``size``².
 
     Returns the crop and its window's share of the photo's short side (1 = the whole short side),
     so :func:`training_mask` can cut the crop's mask at the same scale.
 
     The window is ``size * z`` stored pixels wide with ``z`` uniform in ``[1, max_zoom_out]``
-    (capped by the photo's short side). Photos are stored at 512 px and completed whole at 256-512
-    px, with hole strokes of 12-80 px; a 64² crop of a window up to 4× wider sees holes of the
-    training pool (3-10 px at 64) at up to 12-40 stored px, closer to that scale than a window of
-    1-2× (measured on the embedded default: held-out BPE -12 % at 256 px, -16 % at 512 px).
+    (capped by the photo's short side); the pipeline passes params.yaml's ``train.max_zoom_out``.
+    Wider windows show more of a photo per crop, nearer the whole photos the model completes.
     """
     if size < 1 or max_zoom_out < 1.0:
         raise ValueError("need size >= 1 and max_zoom_out >= 1")

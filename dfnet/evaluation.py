@@ -319,7 +319,7 @@ def stage_methods(params: Params, model_dir: str | Path, radii: tuple[int, ...] 
     training; with `model.prefill` it returns exactly its pre-fill) and the OpenCV baselines at
     `radii`: what the evaluate stage and `bench/heldout.py` compare."""
     torch.manual_seed(params.train.seed)
-    untrained = params.model.build().eval()
+    untrained = DFNet.from_params(params.model).eval()
     shipped = pretrained_dir()
     compare_shipped = (shipped / CONFIG_NAME).is_file() and resolve_model_dir(model_dir).resolve() != shipped.resolve()
     return {

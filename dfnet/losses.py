@@ -10,22 +10,22 @@ the size). For every scale the ground truth is resized bilinearly to that scale 
 
 The VGG16 should carry torchvision's ImageNet weights (``vgg16-397923af.pth``). They are never
 downloaded here: see :func:`load_vgg16_features` for where they are looked for and what happens
-when they are missing (``LossConfig.texture_fallback``).
+when they are missing (``texture_fallback`` of params.yaml's ``loss`` section).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dfnet.params import LossParams
+
 __all__ = [
-    "LossConfig",
     "VGG16Features",
     "load_vgg16_features",
     "gram_matrix",
@@ -56,31 +56,6 @@ _FALLBACKS = ("random", "off", "error")
 _VGG16_UP_TO_POOL3: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M")
 # Slice ends (exclusive) of pool1, pool2, pool3 in `features`: [0:5], [5:10], [10:17].
 _POOL_ENDS = (5, 10, 17)
-
-
-@dataclass
-class LossConfig:
-    """Weights and scale sets of the DFNet loss: the ``loss`` section of params.yaml, whose
-    values these defaults are (tests/test_config.py keeps them equal).
-
-    ``p`` and ``q`` are the structure and texture losses' scale counts for the ``small``
-    preset's four fusion levels; the paper's ``official`` preset (six levels) uses its release
-    values p = 6, q = 3, set in params.yaml with ``model.preset: official`` (README, "Scaling up").
-
-    ``texture_fallback`` decides what happens when the ImageNet VGG16 weights cannot be found:
-    ``"random"`` uses a seeded, frozen, randomly initialised VGG16 (a weak proxy: the perceptual
-    and style terms then do not mean what they mean in the paper), ``"off"`` disables the
-    perceptual and style terms (TV is still computed), ``"error"`` raises.
-    """
-
-    l1: float = 6.0
-    perceptual: float = 0.1
-    style: float = 240.0
-    tv: float = 0.1
-    p: int = 4
-    q: int = 2
-    vgg_weights: str | None = None
-    texture_fallback: str = "off"
 
 
 class VGG16Features(nn.Module):
@@ -180,7 +155,7 @@ def _keep_up_to_pool3(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return kept
 
 
-def load_vgg16_features(weights: str | None, fallback: str = "random") -> tuple[VGG16Features | None, str]:
+def load_vgg16_features(weights: str | None, fallback: str) -> tuple[VGG16Features | None, str]:
     """Build the frozen VGG16 pool1–pool3 extractor and say where its weights came from.
 
     Weights are looked for, in order, at ``weights`` (an explicit path), at ``$DFNET_VGG16_WEIGHTS``
@@ -211,7 +186,7 @@ def load_vgg16_features(weights: str | None, fallback: str = "random") -> tuple[
 
     where = "; ".join(looked)
     how = (
-        f"pass LossConfig.vgg_weights, set ${VGG16_ENV_VAR}, or put torchvision's {VGG16_FILENAME}"
+        f"pass loss.vgg_weights, set ${VGG16_ENV_VAR}, or put torchvision's {VGG16_FILENAME}"
         " in the torch hub cache's checkpoints/ folder"
     )
     if fallback == "error":
@@ -288,19 +263,16 @@ class DFNetLoss(nn.Module):
     When both λ_p and λ_s are 0 no VGG is loaded at all.
     """
 
-    def __init__(self, config: LossConfig | None = None) -> None:
+    def __init__(self, config: LossParams) -> None:
         super().__init__()
-        config = config if config is not None else LossConfig()
         for name in ("p", "q"):
             value = getattr(config, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"LossConfig.{name} must be an int ≥ 0, got {value!r}")
+                raise ValueError(f"loss.{name} must be an int ≥ 0, got {value!r}")
         if config.p == 0 and config.q == 0:
-            raise ValueError("LossConfig.p and LossConfig.q are both 0: the loss would be empty")
+            raise ValueError("loss.p and loss.q are both 0: the loss would be empty")
         if config.texture_fallback not in _FALLBACKS:
-            raise ValueError(
-                f"LossConfig.texture_fallback must be one of {_FALLBACKS}, got {config.texture_fallback!r}"
-            )
+            raise ValueError(f"loss.texture_fallback must be one of {_FALLBACKS}, got {config.texture_fallback!r}")
         self.config = config
         self.vgg: VGG16Features | None
         if config.q > 0 and (config.perceptual != 0 or config.style != 0):

@@ -34,7 +34,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -42,10 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dfnet.params import FusionMode, ModelParams, Prefill
 from dfnet.pretrained import resolve_model_dir
 
-FusionMode = Literal["blend", "hard", "none"]
-Prefill = Literal["none", "ns", "telea"]
 _PREFILL_FLAGS = {"ns": cv2.INPAINT_NS, "telea": cv2.INPAINT_TELEA}
 
 
@@ -352,6 +351,17 @@ class DFNet(nn.Module):
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(directory / WEIGHTS_NAME))
         return directory
+
+    @classmethod
+    def from_params(cls, spec: ModelParams) -> DFNet:
+        """A freshly initialised DFNet as params.yaml's `model` section describes it."""
+        levels = {} if spec.fusion_levels is None else {"fusion_levels": spec.fusion_levels}
+        model = build_model(spec.preset, fusion=spec.fusion, prefill=spec.prefill, **levels)
+        if spec.alpha_init is not None:
+            for block in model.fusion:
+                if block.blend is not None:
+                    block.blend.start_alpha_at(spec.alpha_init)
+        return model
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> DFNet:

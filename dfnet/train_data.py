@@ -56,8 +56,8 @@ class TrainingCrops:
 
     masks_uri: str
     size: int
-    crops_per_photo: int = 1
-    max_zoom_out: float = 3.0
+    crops_per_photo: int
+    max_zoom_out: float
 
     def crops(self, key: str, data: bytes, draw: Sequence[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``(crop S×S×3 uint8, known mask S×S uint8)`` pairs of one stored photo."""
@@ -104,7 +104,7 @@ class CropStream(IterableDataset):
     across photos. Memory: one row group and the buffer per worker.
     """
 
-    def __init__(self, data_dir: str, transform: TrainingCrops, buffer_items: int, seed: int = 0) -> None:
+    def __init__(self, data_dir: str, transform: TrainingCrops, buffer_items: int, seed: int) -> None:
         self.data_dir, self.transform, self.buffer_items, self.seed = data_dir, transform, buffer_items, seed
         self.draw: tuple[int, int] = (0, 0)
 
@@ -144,9 +144,7 @@ def _item(entry: tuple[np.ndarray, np.ndarray, int]) -> tuple[torch.Tensor, torc
     return torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1))), torch.from_numpy(mask[None]), ident
 
 
-def crop_batches(
-    stream: CropStream, batch_size: int, workers: int = 0
-) -> Callable[[int, int], Iterable[Batch]]:
+def crop_batches(stream: CropStream, batch_size: int, workers: int) -> Callable[[int, int], Iterable[Batch]]:
     """The plain loop's batch source: ``(epoch, pass) -> that pass's batches`` of ``stream``."""
     loader = DataLoader(stream, batch_size=batch_size, num_workers=workers, drop_last=True)
 

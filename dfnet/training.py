@@ -1,6 +1,6 @@
 """The one training loop: plain PyTorch on one CPU or GPU, or inside a Ray Train worker.
 
-    python -m dfnet.training [--params params.yaml] [--run-dir runs/plain] [--device cuda]
+    python -m dfnet.training [--params params.yaml] [--recipe recipes/R.yaml] [--run-dir runs/plain] [--device cuda]
 
 :func:`train` owns everything a training run is: the model, the loss, the batches of photo
 crops (the plain stream of :mod:`dfnet.train_data`, or a Ray Data shard the caller passes), Adam
@@ -191,7 +191,7 @@ def run_identity(params: Params) -> str:
     return f"{params.train.run_name}-{digest}"
 
 
-def sample_grid(model: DFNet, images: Tensor, masks: Tensor, rows: int = 6) -> Image.Image:
+def sample_grid(model: DFNet, images: Tensor, masks: Tensor, rows: int) -> Image.Image:
     """A picture of what the model does: input with hole (grey) | completion | ground truth."""
     was_training = model.training
     model.eval()
@@ -255,7 +255,7 @@ def train(
     t = params.train
     torch.manual_seed(t.seed + rank)
     amp = t.amp and device.type == "cuda"
-    model = params.model.build().to(device)
+    model = DFNet.from_params(params.model).to(device)
     loss_fn = DFNetLoss(params.loss).to(device)
     optimizer, scheduler = make_optimizer(model, t)
     scaler = torch.amp.GradScaler("cuda") if amp and not torch.cuda.is_bf16_supported() else None
@@ -322,7 +322,7 @@ def train(
 
 def export_model(params: Params, state: State, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write the trained weights as a model directory with their provenance."""
-    model = params.model.build()
+    model = DFNet.from_params(params.model)
     model.load_state_dict(state["model"])
     provenance = {
         "source": "trained",
@@ -348,12 +348,13 @@ def main(argv: list[str] | None = None) -> None:
     """Train without Ray: one process, one device, checkpoints in `--run-dir/<run identity>`."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--recipe", help="an overlay on --params (only the keys it changes): recipes/*.yaml")
     parser.add_argument("--run-dir", default="runs/plain", help="checkpoints go to <run-dir>/<run identity>/")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out-dir", default=None, help="model directory (default: train.out_dir)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    params = load_params(args.params)
+    params = load_params(args.params, recipe=args.recipe)
     run_dir = Path(args.run_dir) / run_identity(params)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = run_dir / "state.pt"

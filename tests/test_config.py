@@ -1,25 +1,72 @@
-"""One source of configuration: params.yaml and the dataclass defaults of dfnet/params.py agree."""
+"""One source of configuration: params.yaml holds every value, dfnet/params.py types and checks
+it (no second set of defaults), recipes are overlays on it, and dvc.yaml declares what each stage
+reads."""
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
-from dfnet.params import Params, load_params
+from dfnet.params import Params, load_params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 
-def test_dataclass_defaults_are_the_values_of_params_yaml():
-    """A section or key left out of a params file (a recipe, a test's overrides) takes exactly
-    what params.yaml says: the two cannot drift apart."""
-    on_disk = yaml.safe_load((REPO / "params.yaml").read_text())
-    assert Params().to_dict() == on_disk
-    assert load_params(REPO / "params.yaml") == Params()
+def _on_disk() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_params_yaml_is_the_only_place_a_value_is_written():
+    """No dataclass field has a default, and params.yaml parses completely: every section and
+    key it has is a field and every field has its value there, unchanged."""
+    sections = typing.get_type_hints(Params)
+    for cls in (Params, *sections.values()):
+        defaults = [f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
+                    or f.default_factory is not dataclasses.MISSING]  # fmt: skip
+        assert not defaults, f"{cls.__name__} has defaults for {defaults}: params.yaml is their place"
+    assert load_params(REPO / "params.yaml").to_dict() == _on_disk()
+
+
+def test_a_missing_or_unknown_key_is_an_error_naming_it():
+    raw = _on_disk()
+    del raw["train"]["epochs"], raw["loss"]["tv"]
+    with pytest.raises(ValueError, match=r"missing key\(s\) \['loss.tv'\]"):
+        parse_params(raw)
+    raw["loss"]["tv"] = 0.1
+    with pytest.raises(ValueError, match=r"missing key\(s\) \['train.epochs'\]"):
+        parse_params(raw)
+    with pytest.raises(ValueError, match="section 'mlflow' is missing"):
+        parse_params({k: v for k, v in _on_disk().items() if k != "mlflow"})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['epoch'\] in section 'train'"):
+        load_params(REPO / "params.yaml", {"train": {"epoch": 3}})
+    with pytest.raises(ValueError, match=r"unknown section\(s\) \['trian'\]"):
+        load_params(REPO / "params.yaml", {"trian": {"epochs": 3}})
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipes_are_overlays_of_the_keys_they_change(recipe: Path):
+    """A recipe writes only what differs from params.yaml; the rest is params.yaml's, and
+    overrides (a command line's flags) go over the recipe."""
+    overlay, on_disk = yaml.safe_load(recipe.read_text()), _on_disk()
+    same = [f"{s}.{k}" for s, values in overlay.items() for k, v in values.items() if on_disk[s][k] == v]
+    assert not same, f"{recipe.name} repeats params.yaml's {same}"
+    params = load_params(REPO / "params.yaml", recipe=recipe).to_dict()
+    assert params == {s: on_disk[s] | overlay.get(s, {}) for s in on_disk}
+    section, key = next((s, k) for s, values in overlay.items() for k in values)
+    over = load_params(REPO / "params.yaml", {section: {key: on_disk[section][key]}}, recipe=recipe)
+    assert getattr(getattr(over, section), key) == on_disk[section][key]
+
+
+def test_the_shipped_models_recipe_trains_from_scratch():
+    """params.yaml fine-tunes the shipped model; its recipe must not start from itself."""
+    assert load_params(REPO / "params.yaml").train.init_from == "pretrained"
+    assert load_params(REPO / "params.yaml", recipe=REPO / "recipes" / "pretrained.yaml").train.init_from is None
 
 
 # --- dvc.yaml declares what each stage reads ------------------------------------------------
@@ -30,7 +77,7 @@ def test_dataclass_defaults_are_the_values_of_params_yaml():
 # Data files (the photos, the shipped model) are declared by hand and not checked here.
 
 #: {section: its keys}, from the dataclasses.
-SECTIONS = {name: {f.name for f in dataclasses.fields(section)} for name, section in vars(Params()).items()}
+SECTIONS = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in typing.get_type_hints(Params).items()}
 
 
 def _module_file(module: str) -> Path | None:
@@ -94,7 +141,7 @@ def _section_reads(function: ast.AST) -> tuple[set[str], list[ast.Name]]:
         parent = parents.get(node)
         if isinstance(parent, ast.Attribute) and parent.attr in SECTIONS[section]:
             reads.add(f"{section}.{parent.attr}")
-        else:  # the section handed on whole, or a method of it called (`params.model.build()`)
+        else:  # the section handed on whole, or a method of it called
             reads.add(section)
     names = [n for n in ast.walk(function) if isinstance(n, ast.Name | ast.Attribute)]
     return reads, names  # type: ignore[return-value]
@@ -187,3 +234,14 @@ def test_dvc_stage_declares_the_params_it_reads(stage: str):
     assert not missing, f"stage {stage} reads {missing} but dvc.yaml does not declare them"
     stale = sorted(d for d in declared if not any(r in (d, d.split(".")[0]) or r.startswith(d + ".") for r in reads))
     assert not stale, f"stage {stage} declares {stale} but does not read them"
+
+
+def test_params_sit_at_the_bottom_so_a_model_edit_reruns_only_its_stages():
+    """dfnet/params.py imports no other repository module, so only the stages that build or load
+    a model (train, evaluate, register) depend on dfnet/model.py, and only train on the losses."""
+    assert set(import_closure("dfnet.params")) == {"dfnet.params"}
+    stages = _stages()
+    for module, expected in {"dfnet/model.py": {"train", "evaluate", "register"}, "dfnet/losses.py": {"train"}}.items():
+        dependent = {name for name, spec in stages.items() if any(
+            module == d or module.startswith(d.rstrip("/") + "/") for d in _declared(spec)[0])}  # fmt: skip
+        assert dependent == expected, module

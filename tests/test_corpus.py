@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from dfnet.corpus import (
@@ -30,8 +31,9 @@ from dfnet.corpus import (
     parse_readme_licences,
     read_rcc,
 )
-from dfnet.params import CorpusParams
+from dfnet.params import CorpusParams, load_params
 
+REPO = Path(__file__).resolve().parents[1]
 needs_dpkg = pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb (Debian tools)")
 
 
@@ -177,12 +179,13 @@ def debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _params(tmp_path: Path, max_short_side: int = 200) -> CorpusParams:
-    return CorpusParams(
-        out_dir=str(tmp_path / "corpus"),
-        manifest=str(tmp_path / "docs" / "manifest.tsv"),
-        download_dir=str(tmp_path / "debs"),
-        max_short_side=max_short_side,
-    )
+    corpus = {
+        "out_dir": str(tmp_path / "corpus"),
+        "manifest": str(tmp_path / "docs" / "manifest.tsv"),
+        "download_dir": str(tmp_path / "debs"),
+        "max_short_side": max_short_side,
+    }
+    return load_params(REPO / "params.yaml", {"corpus": corpus}).corpus
 
 
 def _read_manifest(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -281,13 +284,9 @@ def test_fallback_without_apt(
     empty_bin.mkdir()
     monkeypatch.setenv("PATH", str(empty_bin))  # no apt-get, no dpkg-deb
     params_yaml = tmp_path / "params.yaml"
-    params_yaml.write_text(
-        "corpus:\n"
-        f"  out_dir: {tmp_path / 'corpus'}\n"
-        f"  manifest: {tmp_path / 'manifest.tsv'}\n"
-        f"  download_dir: {tmp_path / 'debs'}\n"
-        "  max_short_side: 128\n"
-    )
+    corpus = {"out_dir": str(tmp_path / "corpus"), "manifest": str(tmp_path / "manifest.tsv"),
+              "download_dir": str(tmp_path / "debs"), "max_short_side": 128}  # fmt: skip
+    params_yaml.write_text(yaml.safe_dump(load_params(REPO / "params.yaml", {"corpus": corpus}).to_dict()))
     with caplog.at_level(logging.INFO):
         stage.main(["--params", str(params_yaml)])
 

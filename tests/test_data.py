@@ -76,9 +76,9 @@ def test_sample_photos_are_decodable_photographs():
 
 def test_train_crop_size_flip_and_determinism():
     image = _noise(120, 200)
-    crops = [data.train_crop(image, 32, np.random.default_rng(seed))[0] for seed in range(6)]
+    crops = [data.train_crop(image, 32, np.random.default_rng(seed), 4.0)[0] for seed in range(6)]
     assert all(c.shape == (32, 32, 3) and c.dtype == np.uint8 for c in crops)
-    np.testing.assert_array_equal(crops[0], data.train_crop(image, 32, np.random.default_rng(0))[0])
+    np.testing.assert_array_equal(crops[0], data.train_crop(image, 32, np.random.default_rng(0), 4.0)[0])
     assert len({c.tobytes() for c in crops}) == 6
 
 
@@ -92,12 +92,12 @@ def test_train_crop_windows_span_one_to_max_zoom_out_crop_sides():
     ]
     assert min(spans) >= 16 * 15 / 16 - 2 and max(spans) <= 64 * 15 / 16 + 2
     assert max(spans) - min(spans) > 20  # the scale varies from crop to crop
-    flipped = [data.train_crop(ramp, 16, np.random.default_rng(s))[0][8, 0, 0] > 100 for s in range(60)]
+    flipped = [data.train_crop(ramp, 16, np.random.default_rng(s), 4.0)[0][8, 0, 0] > 100 for s in range(60)]
     assert 10 < sum(flipped) < 50  # left-right flips, about half of the time
 
 
 def test_train_crop_of_a_photo_smaller_than_the_crop_upscales_it():
-    crop, share = data.train_crop(_noise(10, 14), 48, np.random.default_rng(0))
+    crop, share = data.train_crop(_noise(10, 14), 48, np.random.default_rng(0), 4.0)
     assert crop.shape == (48, 48, 3) and share == 1.0
 
 

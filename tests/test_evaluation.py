@@ -37,9 +37,10 @@ from dfnet.evaluation import (
 )
 from dfnet.masks import HOLE_BINS, hole_ratio
 from dfnet.model import build_model
-from dfnet.params import parse_params
+from dfnet.params import load_params
 from dfnet.storage import PARQUET_SCHEMA
 
+REPO = Path(__file__).resolve().parents[1]
 SHAPES = {
     "a-wide.jpg": (96, 128),
     "b-tall.jpg": (128, 80),
@@ -191,7 +192,7 @@ def test_validation_and_evaluate_score_the_same_model_and_pairs_the_same(prepare
     are one scoring: the configured BPE band, 8-bit completions, the same pairs."""
     torch.manual_seed(0)
     model = build_model("small").train()
-    params = parse_params({
+    params = load_params(REPO / "params.yaml", {
         "data": {"out_dir": str(prepared)},
         "train": {"val_short_side": 64, "val_max_photos": 5},
         "evaluate": {"sizes": [64], "max_photos": 5, "band_width": 9, "mask_seed": 3},
@@ -213,13 +214,13 @@ def test_evaluate_stage_writes_every_method_size_and_bin(prepared: Path, tmp_pat
 
     torch.manual_seed(1)
     build_model("small").save_pretrained(tmp_path / "model")
-    params = {
+    params = load_params(REPO / "params.yaml", {
         "data": {"out_dir": str(prepared)},
         "model": {"preset": "small"},
         "train": {"out_dir": str(tmp_path / "model"), "seed": 0},
         "evaluate": {"sizes": [64, 128], "max_photos": 5, "grid_rows": 2, "out_dir": str(tmp_path / "metrics")},
-    }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    })  # fmt: skip
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.to_dict()))
     main(["--params", str(tmp_path / "params.yaml")])
 
     out = tmp_path / "metrics"

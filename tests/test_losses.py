@@ -14,12 +14,20 @@ from dfnet.losses import (
     VGG16_ENV_VAR,
     VGG16_FILENAME,
     DFNetLoss,
-    LossConfig,
     VGG16Features,
     gram_matrix,
     load_vgg16_features,
     total_variation,
 )
+from dfnet.params import LossParams, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _loss(**changes: object) -> LossParams:
+    """params.yaml's loss section with `changes`."""
+    return load_params(REPO / "params.yaml", {"loss": changes}).loss
+
 
 # torchvision's VGG16 features[0:17]: conv indices and (out, in) channels, written from the
 # architecture (conv3-64 ×2, pool, conv3-128 ×2, pool, conv3-256 ×3, pool).
@@ -85,7 +93,7 @@ def test_vgg_stays_in_eval_mode() -> None:
     module = VGG16Features()
     module.train()
     assert not module.training
-    loss = DFNetLoss(LossConfig(p=1, q=1, texture_fallback="random"))
+    loss = DFNetLoss(_loss(p=1, q=1, texture_fallback="random"))
     loss.train()
     assert loss.vgg is not None and not loss.vgg.training
 
@@ -153,12 +161,12 @@ def test_fallback_error_raises() -> None:
     with pytest.raises(FileNotFoundError, match="VGG16"):
         load_vgg16_features(None, "error")
     with pytest.raises(FileNotFoundError):
-        DFNetLoss(LossConfig(texture_fallback="error"))
+        DFNetLoss(_loss(texture_fallback="error"))
 
 
 def test_fallback_off_disables_vgg_terms(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="dfnet.losses"):
-        loss = DFNetLoss(LossConfig(p=2, q=2, texture_fallback="off"))
+        loss = DFNetLoss(_loss(p=2, q=2, texture_fallback="off"))
     assert loss.provenance == "off"
     assert not loss.texture_enabled
     assert any(r.levelno == logging.WARNING for r in caplog.records)
@@ -255,7 +263,7 @@ def test_identical_results_give_zero_structure_and_texture() -> None:
     gen = torch.Generator().manual_seed(3)
     target = torch.rand(2, 3, 64, 64, generator=gen)
     mask = torch.ones(2, 1, 64, 64)
-    loss = DFNetLoss(LossConfig(p=3, q=2, texture_fallback="random"))
+    loss = DFNetLoss(_loss(p=3, q=2, texture_fallback="random"))
     assert loss.texture_enabled
     out = loss(_pyramid(target, 3), target, mask)
     assert out["structure"].item() == 0.0
@@ -268,7 +276,7 @@ def test_identical_results_give_zero_structure_and_texture() -> None:
 
 def test_terms_are_nonzero_and_sum_to_total() -> None:
     results, target, mask = _inputs()
-    out = DFNetLoss(LossConfig(p=3, q=2, texture_fallback="random"))(results, target, mask)
+    out = DFNetLoss(_loss(p=3, q=2, texture_fallback="random"))(results, target, mask)
     for key in ("structure", "perceptual", "style", "tv"):
         assert out[key].item() > 0.0, key
     parts = sum(out[k] for k in ("structure", "perceptual", "style", "tv"))
@@ -277,7 +285,7 @@ def test_terms_are_nonzero_and_sum_to_total() -> None:
 
 def test_structure_matches_hand_formula() -> None:
     results, target, mask = _inputs(n=3)
-    out = DFNetLoss(LossConfig(l1=6.0, p=2, q=0))(results, target, mask)
+    out = DFNetLoss(_loss(l1=6.0, p=2, q=0))(results, target, mask)
     half = F.interpolate(target, size=(32, 32), mode="bilinear", align_corners=False)
     l1_0 = (results[0] - target).abs().mean()
     l1_1 = (results[1] - half).abs().mean()
@@ -295,7 +303,7 @@ def test_structure_matches_hand_formula() -> None:
 )
 def test_weights_scale_terms_linearly(term: str, field: str) -> None:
     results, target, mask = _inputs()
-    base = LossConfig(p=3, q=2)
+    base = _loss(p=3, q=2)
     doubled = replace(base, **{field: 2 * getattr(base, field)})
     a = DFNetLoss(base)(results, target, mask)
     b = DFNetLoss(doubled)(results, target, mask)
@@ -306,10 +314,10 @@ def test_weights_scale_terms_linearly(term: str, field: str) -> None:
 
 def test_p_zero_drops_structure_and_q_zero_drops_texture() -> None:
     results, target, mask = _inputs()
-    out = DFNetLoss(LossConfig(p=0, q=2, texture_fallback="random"))(results, target, mask)
+    out = DFNetLoss(_loss(p=0, q=2, texture_fallback="random"))(results, target, mask)
     assert out["structure"].item() == 0.0
     assert out["perceptual"].item() > 0.0
-    out = DFNetLoss(LossConfig(p=2, q=0))(results, target, mask)
+    out = DFNetLoss(_loss(p=2, q=0))(results, target, mask)
     assert out["structure"].item() > 0.0
     for key in ("perceptual", "style", "tv"):
         assert out[key].item() == 0.0
@@ -318,7 +326,7 @@ def test_p_zero_drops_structure_and_q_zero_drops_texture() -> None:
 def test_gradient_flows_only_to_used_scales() -> None:
     results, target, mask = _inputs(n=4)
     results = [r.requires_grad_() for r in results]
-    out = DFNetLoss(LossConfig(p=2, q=1))(results, target, mask)
+    out = DFNetLoss(_loss(p=2, q=1))(results, target, mask)
     out["total"].backward()
     for k in (0, 1):
         assert results[k].grad is not None and results[k].grad.abs().sum() > 0
@@ -330,7 +338,7 @@ def test_gradient_flows_only_to_used_scales() -> None:
 def test_texture_gradient_reaches_result_through_vgg() -> None:
     results, target, mask = _inputs(n=1)
     results[0].requires_grad_()
-    out = DFNetLoss(LossConfig(l1=0.0, tv=0.0, style=0.0, p=1, q=1, texture_fallback="random"))(results, target, mask)
+    out = DFNetLoss(_loss(l1=0.0, tv=0.0, style=0.0, p=1, q=1, texture_fallback="random"))(results, target, mask)
     out["total"].backward()
     assert results[0].grad is not None and results[0].grad.abs().sum() > 0
 
@@ -338,10 +346,10 @@ def test_texture_gradient_reaches_result_through_vgg() -> None:
 def test_tiny_scales_skip_vgg_without_crashing() -> None:
     # Scales 32, 16, 8 and 4 px: the last two are below the VGG minimum side and are skipped.
     results, target, mask = _inputs(size=32, n=4)
-    out = DFNetLoss(LossConfig(p=4, q=4))(results, target, mask)
+    out = DFNetLoss(_loss(p=4, q=4))(results, target, mask)
     assert torch.isfinite(out["total"])
     # Perceptual/style are averaged over the scales the VGG saw (32 and 16 only).
-    two = DFNetLoss(LossConfig(p=4, q=2))(results, target, mask)
+    two = DFNetLoss(_loss(p=4, q=2))(results, target, mask)
     assert out["perceptual"].item() == pytest.approx(two["perceptual"].item(), rel=1e-5)
     assert out["style"].item() == pytest.approx(two["style"].item(), rel=1e-5)
 
@@ -349,18 +357,18 @@ def test_tiny_scales_skip_vgg_without_crashing() -> None:
 def test_invalid_p_q_raise() -> None:
     results, target, mask = _inputs(n=3)
     with pytest.raises(ValueError, match="p=4"):
-        DFNetLoss(LossConfig(p=4, q=2))(results, target, mask)
+        DFNetLoss(_loss(p=4, q=2))(results, target, mask)
     with pytest.raises(ValueError, match="q=5"):
-        DFNetLoss(LossConfig(p=2, q=5))(results, target, mask)
+        DFNetLoss(_loss(p=2, q=5))(results, target, mask)
     with pytest.raises(ValueError):
-        DFNetLoss(LossConfig(p=-1, q=0))
+        DFNetLoss(_loss(p=-1, q=0))
     with pytest.raises(ValueError):
-        DFNetLoss(LossConfig(p=0, q=0))
+        DFNetLoss(_loss(p=0, q=0))
 
 
 def test_shape_mismatch_raises() -> None:
     results, target, mask = _inputs(n=2)
-    loss = DFNetLoss(LossConfig(p=2, q=1))
+    loss = DFNetLoss(_loss(p=2, q=1))
     with pytest.raises(ValueError, match="target"):
         loss(results, target[..., :32, :32], mask)
     with pytest.raises(ValueError, match="mask"):
@@ -369,6 +377,6 @@ def test_shape_mismatch_raises() -> None:
 
 def test_zero_texture_weights_skip_vgg(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="dfnet.losses"):
-        loss = DFNetLoss(LossConfig(perceptual=0.0, style=0.0, texture_fallback="error"))
+        loss = DFNetLoss(_loss(perceptual=0.0, style=0.0, texture_fallback="error"))
     assert loss.vgg is None and not loss.texture_enabled
     assert not caplog.records

@@ -3,6 +3,7 @@ files."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from dfnet.model import PRESETS, Conv2dSame, DecoderBlock, DFNet, DFNetConfig, FusionBlock, build_model
+from dfnet.params import load_params
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_official_parameter_count() -> None:
@@ -140,16 +144,15 @@ def test_config_rejects_bad_values() -> None:
 
 
 def test_alpha_init_starts_every_blend_near_the_given_alpha() -> None:
-    from dfnet.params import ModelParams
-
     torch.manual_seed(0)
     image, mask = torch.rand(2, 3, 64, 64), (torch.rand(2, 1, 64, 64) > 0.3).float()
-    default = ModelParams(preset="small").build().eval()
-    started = ModelParams(preset="small", alpha_init=0.95).build().eval()
+    base = replace(load_params(REPO / "params.yaml").model, preset="small", alpha_init=None)
+    default = DFNet.from_params(base).eval()
+    started = DFNet.from_params(replace(base, alpha_init=0.95)).eval()
     with torch.no_grad():
         alphas = started(image, mask).alphas
         default_alphas = default(image, mask).alphas
     assert all(0.9 < float(a.mean()) < 0.99 and float(a.min()) > 0.8 for a in alphas)
     assert all(abs(float(a.mean()) - 0.95) > 0.1 for a in default_alphas)  # the paper's init differs
     with pytest.raises(ValueError):
-        ModelParams(preset="small", alpha_init=1.0).build()
+        DFNet.from_params(replace(base, alpha_init=1.0))

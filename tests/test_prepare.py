@@ -16,11 +16,21 @@ from PIL import Image
 from dfnet import data, storage
 from dfnet.images import decode_image
 from dfnet.masks import hole_ratio, load_masks
-from dfnet.params import DataParams, MaskParams
+from dfnet.params import DataParams, MaskParams, load_params
 from pipelines.make_masks import make_masks
 from pipelines.prepare import prepare
 
+REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
+
+
+def _data(**changes: object) -> DataParams:
+    """params.yaml's data section with `changes`."""
+    return load_params(REPO / "params.yaml", {"data": changes}).data
+
+
+def _masks(**changes: object) -> MaskParams:
+    return load_params(REPO / "params.yaml", {"masks": changes}).masks
 
 
 def _photo(height: int, width: int, seed: int) -> np.ndarray:
@@ -87,7 +97,7 @@ def _check_tables(tables: dict[str, pa.Table], expected_split: dict[str, str], o
 
 def test_prepare_folder_skips_bad_files_and_is_deterministic(ray_local, tmp_path):
     raw = _write_folder(tmp_path / "raw")
-    params = DataParams(
+    params = _data(
         source=str(raw),
         image_size=SIZE,
         store_short_side=SIZE,
@@ -132,7 +142,7 @@ def test_prepare_folder_skips_bad_files_and_is_deterministic(ray_local, tmp_path
 
 
 def test_prepare_sample_source(ray_local, tmp_path):
-    params = DataParams(source="sample", image_size=SIZE, store_short_side=SIZE, out_dir=str(tmp_path))
+    params = _data(source="sample", image_size=SIZE, store_short_side=SIZE, out_dir=str(tmp_path))
     report = prepare(params)
     photos = data.sample_photos()
     assert report["num_skipped"] == 0 and report["files_read"] == len(photos)
@@ -151,7 +161,7 @@ def test_prepare_s3_to_s3(ray_local, s3_server):
     uploads |= {"elsewhere/not-read.png": GOOD["b.PNG"]}  # outside the source prefix
     for key, blob in uploads.items():
         s3_server.client.put_object(Bucket=s3_server.bucket, Key=key, Body=blob)
-    params = DataParams(
+    params = _data(
         source=s3_server.uri("raw"),
         image_size=SIZE,
         store_short_side=SIZE,
@@ -170,7 +180,7 @@ def test_prepare_s3_to_s3(ray_local, s3_server):
 
 
 def test_make_masks(tmp_path):
-    params = MaskParams(pool_size=12, seed=4, size=48, out=str(tmp_path / "m" / "masks.npz"))
+    params = _masks(pool_size=12, seed=4, size=48, out=str(tmp_path / "m" / "masks.npz"))
     summary = make_masks(params)
     stored = load_masks(params.out)
     assert set(stored) == {"pool"}
@@ -191,4 +201,4 @@ def test_make_masks(tmp_path):
 @pytest.mark.parametrize("bad", [{"store_short_side": 16, "image_size": 32}, {"shard_rows": 0}])
 def test_prepare_rejects_bad_params(bad, tmp_path):
     with pytest.raises(ValueError):
-        prepare(DataParams(**({"out_dir": str(tmp_path)} | bad)))
+        prepare(_data(**({"out_dir": str(tmp_path)} | bad)))

@@ -93,7 +93,7 @@ def test_the_shipped_model_is_a_complete_model_directory() -> None:
 def test_the_default_pipeline_fine_tunes_the_shipped_model() -> None:
     params = load_params(ROOT / "params.yaml")
     assert params.train.init_from == "pretrained"
-    model = params.model.build()
+    model = DFNet.from_params(params.model)
     load_initial_weights(model, params.train.init_from)  # same architecture, or it raises
     shipped_state = DFNet.from_pretrained("pretrained").state_dict()
     assert all(torch.equal(v, shipped_state[k]) for k, v in model.state_dict().items())

@@ -170,7 +170,7 @@ def test_fit_checkpoints_and_exports_a_loadable_model(first_run, tmp_path):
     assert provenance["steps"] == total and provenance["epochs"] == params.train.epochs
     assert provenance["image_size"] == SIZE and provenance["preset"] == params.model.preset
     # The exported weights are the trained ones, not a fresh initialisation.
-    fresh = params.model.build().state_dict()
+    fresh = DFNet.from_params(params.model).state_dict()
     assert any(not torch.equal(fresh[k], v) for k, v in model.state_dict().items())
 
 

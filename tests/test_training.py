@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from dfnet.masks import mask_pool, save_masks
-from dfnet.params import Params, parse_params
+from dfnet.model import DFNet
+from dfnet.params import Params, load_params
 from dfnet.train_data import photo_id
 from dfnet.training import (
     BatchSource,
@@ -28,6 +29,7 @@ from dfnet.training import (
     train,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
 
 
@@ -39,7 +41,8 @@ def _photos(count: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def _params(root: Path, **train: object) -> Params:
-    return parse_params(
+    return load_params(
+        REPO / "params.yaml",
         {
             "data": {"out_dir": str(root / "prepared"), "image_size": SIZE},
             "masks": {"out": str(root / "masks.npz")},
@@ -54,7 +57,7 @@ def _params(root: Path, **train: object) -> Params:
                 **train,
             },
             "evaluate": {"grid_rows": 2},
-        }
+        },
     )
 
 
@@ -186,7 +189,7 @@ def test_short_training_on_flat_colours_learns_to_carry_context_into_holes(tmp_p
     params = _params(tmp_path, epochs=12, crops_per_photo=8, batch_size=16, lr=5e-3, lr_decay_epochs=8)
     torch.manual_seed(0)
     state = train(params, log_every=1000)
-    model = params.model.build()
+    model = DFNet.from_params(params.model)
     model.load_state_dict(state["model"])
     model.eval()
 
