@@ -71,6 +71,7 @@ class InferencePath:
     int8: bool = False  # PT2E static quantisation, calibrated on photos
     channels_last: bool = True
     fold_bn: bool = True
+    runtime: str = "torch"  # or "onnxruntime": the network exported to ONNX (dfnet.onnx)
 
 
 INFERENCE_PATHS: dict[str, InferencePath] = {
@@ -81,6 +82,8 @@ INFERENCE_PATHS: dict[str, InferencePath] = {
         InferencePath("compile-bf16", compile=True, dtype=torch.bfloat16),
         InferencePath("int8", compile=True, int8=True),
         InferencePath("int8-bf16", compile=True, dtype=torch.bfloat16, int8=True),
+        InferencePath("onnxruntime", channels_last=False, runtime="onnxruntime"),
+        InferencePath("onnxruntime-int8", int8=True, channels_last=False, runtime="onnxruntime"),
     )
 }
 
@@ -484,8 +487,8 @@ def optimize_for_inference(
         chosen, reason = INFERENCE_PATHS[path], "requested"
     else:
         raise ValueError(f"unknown inference path {path!r}; choose auto or one of {', '.join(INFERENCE_PATHS)}")
-    if chosen.int8 and device.type != "cpu":
-        raise ValueError("the int8 path runs on the CPU only (x86 inductor quantiser)")
+    if (chosen.int8 or chosen.runtime != "torch") and device.type != "cpu":
+        raise ValueError(f"the {chosen.name} path runs on the CPU only")
     emulated_bf16 = chosen.dtype == torch.bfloat16 and not native_bfloat16(device)
     if emulated_bf16:
         logger.warning("no native bfloat16 on %s: the %s path will be slow", device, chosen.name)
@@ -507,7 +510,12 @@ def optimize_for_inference(
         for image, mask in calibration or default_calibration():
             image, mask = _placed(image, device, chosen), _placed(mask, device, chosen)
             inputs.append((_placed(prepared.fill_holes(image, mask), device, chosen), mask))
-    network = _network(prepared, chosen, inputs)
+    if chosen.runtime == "onnxruntime":
+        from dfnet.onnx import onnxruntime_network
+
+        network = onnxruntime_network(prepared, calibration=inputs, reduce_range=not native_int8())
+    else:
+        network = _network(prepared, chosen, inputs)
     if chosen.compile:
         persistent_compile_cache()
         network = torch.compile(network)
