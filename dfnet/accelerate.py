@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from dfnet.model import DecoderBlock, DFNet, EncoderBlock
+from dfnet.onnx import onnxruntime_available, onnxruntime_network
 
 __all__ = [
     "INFERENCE_PATHS",
@@ -154,6 +155,9 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 # --------------------------------------------------------------------------- choosing a path
+_BF16_CHECKS = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+
+
 def native_bfloat16(device: torch.device) -> bool:
     """Whether bf16 kernels run natively here: on the CPU, oneDNN finds AVX512-BF16 or AMX *and*
     ATen runs its AVX-512 kernels (ATEN_CPU_CAPABILITY=avx2, with ONEDNN_MAX_CPU_ISA=AVX2, makes
@@ -162,7 +166,10 @@ def native_bfloat16(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported()
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     onednn = torch.backends.mkldnn.is_available() and check is not None and bool(check())
-    return onednn and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    # oneDNN also calls bf16 "supported" on AVX-512 CPUs without AVX512-BF16 (it emulates it
+    # there), so the instructions themselves are asked for.
+    instructions = any(getattr(torch.cpu, name, lambda: False)() for name in _BF16_CHECKS)
+    return onednn and instructions and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def native_int8() -> bool:
@@ -202,9 +209,13 @@ def choose_path(device: str | torch.device = "cpu") -> tuple[InferencePath, str]
     networks (the shipped model) gain little.
     """
     device = torch.device(device)
+    where = "the GPU" if device.type == "cuda" else f"this CPU ({torch.backends.cpu.get_cpu_capability()})"
+    if device.type == "cpu" and not native_bfloat16(device) and native_int8() and onnxruntime_available():
+        # Needs no C++ compiler, so it comes before that check. bench/inference.py: the fastest
+        # path within quality on an AVX-512 VNNI CPU without bf16 (docs/performance.md).
+        return INFERENCE_PATHS["onnxruntime-int8"], f"{where} has VNNI but no native bf16: ONNX Runtime int8"
     if device.type == "cpu" and shutil.which(os.environ.get("CXX", "c++")) is None:
         return INFERENCE_PATHS["eager"], "no C++ compiler on the PATH for inductor"
-    where = "the GPU" if device.type == "cuda" else f"this CPU ({torch.backends.cpu.get_cpu_capability()})"
     if native_bfloat16(device):
         return INFERENCE_PATHS["compile-bf16"], f"{where} has native bf16"
     no_bf16 = f"{where} has no native bf16 (emulated bf16 is slower than fp32)"
@@ -511,8 +522,6 @@ def optimize_for_inference(
             image, mask = _placed(image, device, chosen), _placed(mask, device, chosen)
             inputs.append((_placed(prepared.fill_holes(image, mask), device, chosen), mask))
     if chosen.runtime == "onnxruntime":
-        from dfnet.onnx import onnxruntime_network
-
         network = onnxruntime_network(prepared, calibration=inputs, reduce_range=not native_int8())
     else:
         network = _network(prepared, chosen, inputs)
