@@ -12,9 +12,13 @@ upsampling as transposed convs, `DecoderBlock.transposed`); then
                     on photos the caller passes or, by default, on bundled sample photos
 * ``int8-bf16``     the same int8 convolutions with everything between them (fusion and blend
                     blocks, upsampling, activations) in bf16, for CPUs where bf16 is native
+* ``onnxruntime``   the network exported to ONNX (`dfnet.onnx`) and run by ONNX Runtime, fp32
+* ``onnxruntime-int8``  the same graph with its convolutions statically quantised to int8 by
+                    ONNX Runtime's tools, calibrated like ``int8`` (needs ``dfnet[onnx]``)
 
 ``path="auto"`` (the default) chooses from what it detects, and logs the choice and why:
-``compile-bf16`` with native bf16, else ``int8`` (x86 with torchao installed), else ``compile``,
+``compile-bf16`` with native bf16, else ``onnxruntime-int8`` on AVX-512 VNNI CPUs with ONNX
+Runtime installed, else ``int8`` (x86 with torchao installed), else ``compile``,
 and ``eager`` when no C++ compiler is installed (inductor needs one on the CPU). The classical
 pre-fill (OpenCV) always runs eagerly before the network: only `DFNet.forward_filled` is compiled
 or quantised.
@@ -202,11 +206,12 @@ def choose_path(device: str | torch.device = "cpu") -> tuple[InferencePath, str]
     """The fastest validated path for `device` on this machine, and the reason for it.
 
     GPU: bf16 where supported, else fp32, compiled. CPU: bf16 where native (AVX512-BF16, AMX);
-    otherwise int8 when torchao is installed (validated within 1 % of fp32 on held-out photos,
-    docs/performance.md), else compiled fp32; eager when inductor has no C++ compiler. Where bf16
-    is native, `int8` and `int8-bf16` are faster still for large networks (the official preset)
-    but are not chosen: exporting and calibrating add about 15 s to every start, and small
-    networks (the shipped model) gain little.
+    otherwise ONNX Runtime int8 on AVX-512 VNNI CPUs when dfnet[onnx] is installed (measured faster
+    than every torch path there, within quality; no compiler needed); else int8 when torchao is
+    installed (validated within 1 % of fp32 on held-out photos, docs/performance.md), else compiled
+    fp32; eager when inductor has no C++ compiler. Where bf16 is native, `int8` and `int8-bf16`
+    are faster still for large networks (the official preset) but are not chosen: exporting and
+    calibrating add about 15 s to every start, and small networks (the shipped model) gain little.
     """
     device = torch.device(device)
     where = "the GPU" if device.type == "cuda" else f"this CPU ({torch.backends.cpu.get_cpu_capability()})"
