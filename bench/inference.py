@@ -237,6 +237,7 @@ def machine(device: torch.device) -> dict[str, str]:
         "torch": torch.__version__,
         "onnxruntime": _version("onnxruntime"),
         "threads": str(torch.get_num_threads()),
+        "load": f"{os.getloadavg()[0]:.1f}",  # other processes on the machine, at the start
     }
 
 
@@ -324,7 +325,8 @@ def section(env: dict[str, str], records: list[dict[str, Any]], command: str, ph
             f"### {env['cpu']} · {env['device']} · ISA {env['isa']}",
             "",
             f"torch {env['torch']}, ONNX Runtime {env['onnxruntime']}, {env['threads']} threads, "
-            f"CPU flags: {env['flags']}. `{command}`; quality on {photos} held-out photos per size (batch 1)."
+            f"CPU flags: {env['flags']}; load average {env['load']} at the start, {os.getloadavg()[0]:.1f} at the end. "
+            f"`{command}`; quality on {photos} held-out photos per size (batch 1)."
             + (ORT_UNCAPPED if env["isa"] != "native" and any(r["path"].startswith("onnx") for r in records) else ""),
             "",
             HEADER,
