@@ -12,14 +12,14 @@ has two inputs and one output, all float32 NCHW, RGB, values in [0, 1]:
 * ``mask``   (N, 1, H, W): 1 = known pixel, 0 = hole, nothing in between.
 * ``completed`` (N, 3, H, W): known pixels as they went in, holes filled by the network.
 
-What a plain ``torch.onnx.export`` trace of `DFNet.complete` gets wrong: `DecoderBlock` adds its
-upsampled part into the output in place, through a strided view (`add_phases`), and the tracer
-drops that write: the graph computes every decoder block from its skip connection alone. Random
-weights hide it (a random official network saturates its sigmoids either way), trained weights
-do not. The bottleneck's 1×1 special case would also be frozen at the traced size. So the export
-runs each decoder block as two plain convolutions (the skip part, and the upsampled part as one
-stride-2 transposed conv), which compute the same function with no in-place write and no branch
-on the input's size.
+What a plain ``torch.onnx.export`` trace (the TorchScript exporter) of `DFNet.complete` gets
+wrong: `DecoderBlock` adds its upsampled part into the output in place, through a strided view
+(`add_phases`), and the tracer drops that write: the graph computes every decoder block from
+its skip connection alone. Random weights hide it (a random official network saturates its
+sigmoids either way), trained weights do not. The bottleneck's 1×1 special case would also be
+frozen at the traced size. So the export runs each decoder block as two plain convolutions (the
+skip part, and the upsampled part as one stride-2 transposed conv), which compute the same
+function with no in-place write and no branch on the input's size.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class _Completion(nn.Module):
 
     def __init__(self, model: DFNet):
         super().__init__()
-        from dfnet.accelerate import fold_batchnorm  # accelerate imports this module lazily
+        from dfnet.accelerate import fold_batchnorm  # not at the top: accelerate imports this module
 
         folded = fold_batchnorm(model).requires_grad_(False)
         channels = folded.config.channels
@@ -105,8 +105,9 @@ def onnx_metadata(model: DFNet) -> dict[str, str]:
 def export_onnx(model: DFNet, out: str | Path, *, example_size: int | None = None, opset: int = OPSET) -> Path:
     """Write `model` as an ONNX graph (see the module docstring for its inputs and output).
 
-    The graph is traced once at `example_size`² (default: twice the size multiple, so that no
-    feature map is 1×1 while tracing) with batch, height and width left free; it runs at any
+    The graph is traced once at `example_size`² (default: twice the size multiple; at the multiple
+    itself the bottleneck is 1×1, and torch.export fixes a size of 1) with batch, height and width
+    left free; it runs at any
     height and width that are multiples of `model.config.size_multiple`. The caller's model is
     not changed.
     """
