@@ -158,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "off", *INFERENCE_PATHS],
         default="auto",
         help="how the network runs (dfnet.accelerate): auto = the fastest path for this machine "
-        "(compiled; bf16 where native, else int8; an image size compiles once enough images of it remain "
-        "to pay the compile back, else runs eagerly), off = the plain model",
+        "(bf16 where native, else int8: ONNX Runtime's on AVX-512 VNNI CPUs, else torch's, compiled; an image size "
+        "compiles once enough images of it remain to pay the compile back, else runs eagerly), off = the plain model",
     )
     p.set_defaults(func=cmd_inpaint)
 
