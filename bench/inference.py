@@ -20,8 +20,13 @@ shipped model's pre-fill at radius 3; the pre-fill's own code is today's, which 
 so this baseline is if anything quicker than the code as found): the baseline the eager changes
 are judged by; `fp32` the eager model as it is (`DFNet.complete`); `eager` adds BatchNorm
 folding and channels_last; `compile`, `compile-bf16`, `int8` and `int8-bf16` are
-dfnet.accelerate's paths (int8 calibrated on training photos, never test ones). The path that
-`optimize_for_inference(model)` picks here is marked "auto".
+dfnet.accelerate's paths (int8 calibrated on training photos, never test ones); `onnxruntime`
+and `onnxruntime-int8` run the network exported to ONNX (dfnet.onnx) in ONNX Runtime, fp32 and
+static int8. The path that `optimize_for_inference(model)` picks here is marked "auto".
+
+ISA caps: ONEDNN_MAX_CPU_ISA and ATEN_CPU_CAPABILITY limit torch only. ONNX Runtime picks its
+kernels from CPUID when it loads and has no switch to limit them, so in a capped section its rows
+still run the CPU's full ISA (the section says so).
 
 Models: `official` is the paper's architecture with random weights whose BatchNorm statistics
 come from real photos (the layout of the authors' checkpoints: speed and numerical fidelity are
@@ -230,8 +235,19 @@ def machine(device: torch.device) -> dict[str, str]:
         # an ISA cap makes this CPU run what an older one would (e.g. AVX2 only)
         "isa": " ".join(f"{k}={os.environ[k]}" for k in ISA_CAPS if k in os.environ) or "native",
         "torch": torch.__version__,
+        "onnxruntime": _version("onnxruntime"),
         "threads": str(torch.get_num_threads()),
+        "load": f"{os.getloadavg()[0]:.1f}",  # other processes on the machine, at the start
     }
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 HEADER = (
@@ -257,22 +273,25 @@ def row(r: dict[str, Any]) -> str:
 
 
 def goal_lines(records: list[dict[str, Any]]) -> list[str]:
-    """The issue's goals, checked on this run's figures (512² batch 1). Speed-ups are judged
-    against both baselines: `before` (the eager fp32 the issue measured) and today's eager fp32,
-    which the eager changes made faster."""
+    """The goals, checked on this run's figures (512² batch 1): eager vs `before` (issue 11);
+    the auto path ≥ 2× today's eager fp32 without native bf16, ≥ 4× with it; int8 paths ≥ 5×;
+    each with held-out hole ℓ1 and BPE within 1 % of fp32's. Speed-ups are given against both
+    baselines: `before` and today's eager fp32, which the eager changes made faster."""
     lines = []
     eager = {r["model"]: r["ms"] for r in records if r["path"] == "eager" and r["size"] == 512 and r["batch"] == 1}
 
-    def versus(r: dict[str, Any], goal: float, quality_ok: bool = True) -> str:
+    def versus(r: dict[str, Any], goal: float, quality_ok: bool) -> str:
         parts = [f"{r['ratio']:.2f}× today's eager fp32 ({'met' if r['ratio'] >= goal and quality_ok else 'NOT met'})"]
         if r["ratio_before"]:
             met = r["ratio_before"] >= goal and quality_ok
             parts.append(f"{r['ratio_before']:.2f}× the eager model before ({'met' if met else 'NOT met'})")
-        return ", ".join(parts)
+        quality = f"held-out ℓ1 {r.get('l1_rel', float('nan')):+.2%}, BPE {r.get('bpe_rel', float('nan')):+.2%}"
+        return ", ".join(parts) + f"; {quality}" + ("" if quality_ok else " (quality NOT within 1 %)")
 
     for r in records:
         if r["size"] != 512 or r["batch"] != 1:
             continue
+        quality_ok = abs(r.get("l1_rel", 0)) <= 0.01 and abs(r.get("bpe_rel", 0)) <= 0.01
         if r["path"] == "before":
             line = f"- {r['model']}: eager vs the eager model before (goal ≥ 1.25×): "
             line += f"the model itself (fp32) {1 / r['ratio']:.2f}×"
@@ -280,13 +299,8 @@ def goal_lines(records: list[dict[str, Any]]) -> list[str]:
                 line += f", the `eager` path (BN folded, channels_last) {r['ms'] / eager[r['model']]:.2f}×"
             lines.append(line)
         if r["auto"]:
-            goal = 3.0 if BENCH_PATHS[r["path"]].dtype == torch.bfloat16 else 2.0  # native bf16 or not
-            quality_ok = abs(r.get("l1_rel", 0)) <= 0.01 and abs(r.get("bpe_rel", 0)) <= 0.01
-            lines.append(
-                f"- {r['model']}: auto path `{r['path']}` (goal ≥ {goal:.0f}×, quality within 1 %): "
-                f"{versus(r, goal, quality_ok)}; held-out ℓ1 {r.get('l1_rel', float('nan')):+.2%}, "
-                f"BPE {r.get('bpe_rel', float('nan')):+.2%}"
-            )
+            goal = 4.0 if BENCH_PATHS[r["path"]].dtype == torch.bfloat16 else 2.0  # native bf16 or not
+            lines.append(f"- {r['model']}: auto path `{r['path']}` (goal ≥ {goal:.0f}×): {versus(r, goal, quality_ok)}")
             if r["prefill_ms"]:
                 fp32 = r["ms"] * r["ratio"]
                 lines.append(
@@ -295,12 +309,14 @@ def goal_lines(records: list[dict[str, Any]]) -> list[str]:
                     f"pre-fill no path can pass {fp32 / r['prefill_ms']:.2f}× eager fp32, however fast its network"
                 )
         if BENCH_PATHS[r["path"]].int8:
-            quality_ok = abs(r.get("l1_rel", 0)) <= 0.03
-            lines.append(
-                f"- {r['model']}: {r['path']} (goal ≥ 5×, hole ℓ1 within 3 %): {versus(r, 5.0, quality_ok)}; "
-                f"hole ℓ1 {r.get('l1_rel', float('nan')):+.2%}"
-            )
+            lines.append(f"- {r['model']}: {r['path']} (goal ≥ 5×): {versus(r, 5.0, quality_ok)}")
     return lines
+
+
+ORT_UNCAPPED = (
+    " The ISA cap limits torch only: ONNX Runtime picks its kernels from CPUID at load and has no"
+    " switch to limit them, so its rows here ran this CPU's full ISA."
+)
 
 
 def section(env: dict[str, str], records: list[dict[str, Any]], command: str, photos: int) -> str:
@@ -308,8 +324,10 @@ def section(env: dict[str, str], records: list[dict[str, Any]], command: str, ph
         [
             f"### {env['cpu']} · {env['device']} · ISA {env['isa']}",
             "",
-            f"torch {env['torch']}, {env['threads']} threads, CPU flags: {env['flags']}. "
-            f"`{command}`; quality on {photos} held-out photos per size (batch 1).",
+            f"torch {env['torch']}, ONNX Runtime {env['onnxruntime']}, {env['threads']} threads, "
+            f"CPU flags: {env['flags']}; load average {env['load']} at the start, {os.getloadavg()[0]:.1f} at the end. "
+            f"`{command}`; quality on {photos} held-out photos per size (batch 1)."
+            + (ORT_UNCAPPED if env["isa"] != "native" and any(r["path"].startswith("onnx") for r in records) else ""),
             "",
             HEADER,
             *(row(r) for r in records),

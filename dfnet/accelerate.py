@@ -13,9 +13,13 @@ compiled paths); then
                     on photos the caller passes or, by default, on bundled sample photos
 * ``int8-bf16``     the same int8 convolutions with everything between them (fusion and blend
                     blocks, upsampling, activations) in bf16, for CPUs where bf16 is native
+* ``onnxruntime``   the network exported to ONNX (`dfnet.onnx`) and run by ONNX Runtime, fp32
+* ``onnxruntime-int8``  the same graph with its convolutions statically quantised to int8 by
+                    ONNX Runtime's tools, calibrated like ``int8`` (needs ``dfnet[onnx]``)
 
 ``path="auto"`` (the default) chooses from what it detects, and logs the choice and why:
-``compile-bf16`` with native bf16, else ``int8`` (x86 with torchao installed), else ``compile``,
+``compile-bf16`` with native bf16, else ``onnxruntime-int8`` on AVX-512 VNNI CPUs with ONNX
+Runtime installed, else ``int8`` (x86 with torchao installed), else ``compile``,
 and ``eager`` when no C++ compiler is installed (inductor needs one on the CPU). The classical
 pre-fill (OpenCV) always runs eagerly before the network: only `DFNet.forward_filled` is compiled
 or quantised.
@@ -44,6 +48,7 @@ from torch.nn.utils import fuse_conv_bn_eval
 
 from dfnet.fast_decoder import use_fast_decoders
 from dfnet.model import DecoderBlock, DFNet, EncoderBlock
+from dfnet.onnx import onnxruntime_available, onnxruntime_network
 
 __all__ = [
     "INFERENCE_PATHS",
@@ -74,6 +79,7 @@ class InferencePath:
     int8: bool = False  # PT2E static quantisation, calibrated on photos
     channels_last: bool = True
     fold_bn: bool = True
+    runtime: str = "torch"  # or "onnxruntime": the network exported to ONNX (dfnet.onnx)
 
 
 INFERENCE_PATHS: dict[str, InferencePath] = {
@@ -84,6 +90,8 @@ INFERENCE_PATHS: dict[str, InferencePath] = {
         InferencePath("compile-bf16", compile=True, dtype=torch.bfloat16),
         InferencePath("int8", compile=True, int8=True),
         InferencePath("int8-bf16", compile=True, dtype=torch.bfloat16, int8=True),
+        InferencePath("onnxruntime", channels_last=False, runtime="onnxruntime"),
+        InferencePath("onnxruntime-int8", int8=True, channels_last=False, runtime="onnxruntime"),
     )
 }
 
@@ -130,6 +138,9 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 # --------------------------------------------------------------------------- choosing a path
+_BF16_CHECKS = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+
+
 def native_bfloat16(device: torch.device) -> bool:
     """Whether bf16 kernels run natively here: on the CPU, oneDNN finds AVX512-BF16 or AMX *and*
     ATen runs its AVX-512 kernels (ATEN_CPU_CAPABILITY=avx2, with ONEDNN_MAX_CPU_ISA=AVX2, makes
@@ -138,7 +149,10 @@ def native_bfloat16(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported()
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     onednn = torch.backends.mkldnn.is_available() and check is not None and bool(check())
-    return onednn and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    # oneDNN also calls bf16 "supported" on AVX-512 CPUs without AVX512-BF16 (it emulates it
+    # there), so the instructions themselves are asked for.
+    instructions = any(getattr(torch.cpu, name, lambda: False)() for name in _BF16_CHECKS)
+    return onednn and instructions and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def native_int8() -> bool:
@@ -170,16 +184,21 @@ def choose_path(device: str | torch.device = "cpu") -> tuple[InferencePath, str]
     """The fastest validated path for `device` on this machine, and the reason for it.
 
     GPU: bf16 where supported, else fp32, compiled. CPU: bf16 where native (AVX512-BF16, AMX);
-    otherwise int8 when torchao is installed (validated against fp32 on held-out photos,
-    docs/performance.md), else compiled fp32; eager when inductor has no C++ compiler. Where bf16
-    is native, `int8` and `int8-bf16` are faster still for large networks (the official preset)
-    but are not chosen: exporting and calibrating lengthen every start, and small networks (the
-    shipped model) gain little.
+    otherwise ONNX Runtime int8 on AVX-512 VNNI CPUs when dfnet[onnx] is installed (measured faster
+    than every torch path there, within quality; no compiler needed); else int8 when torchao is
+    installed (validated within 1 % of fp32 on held-out photos, docs/performance.md), else compiled
+    fp32; eager when inductor has no C++ compiler. Where bf16 is native, `int8` and `int8-bf16`
+    are faster still for large networks (the official preset) but are not chosen: exporting and
+    calibrating lengthen every start, and small networks (the shipped model) gain little.
     """
     device = torch.device(device)
+    where = "the GPU" if device.type == "cuda" else f"this CPU ({torch.backends.cpu.get_cpu_capability()})"
+    if device.type == "cpu" and not native_bfloat16(device) and native_int8() and onnxruntime_available():
+        # Needs no C++ compiler, so it comes before that check. bench/inference.py: the fastest
+        # path within quality on an AVX-512 VNNI CPU without bf16 (docs/performance.md).
+        return INFERENCE_PATHS["onnxruntime-int8"], f"{where} has VNNI but no native bf16: ONNX Runtime int8"
     if device.type == "cpu" and shutil.which(os.environ.get("CXX", "c++")) is None:
         return INFERENCE_PATHS["eager"], "no C++ compiler on the PATH for inductor"
-    where = "the GPU" if device.type == "cuda" else f"this CPU ({torch.backends.cpu.get_cpu_capability()})"
     if native_bfloat16(device):
         return INFERENCE_PATHS["compile-bf16"], f"{where} has native bf16"
     no_bf16 = f"{where} has no native bf16 (emulated bf16 is slower than fp32)"
@@ -450,8 +469,8 @@ def optimize_for_inference(
         chosen, reason = INFERENCE_PATHS[path], "requested"
     else:
         raise ValueError(f"unknown inference path {path!r}; choose auto or one of {', '.join(INFERENCE_PATHS)}")
-    if chosen.int8 and device.type != "cpu":
-        raise ValueError("the int8 path runs on the CPU only (x86 inductor quantiser)")
+    if (chosen.int8 or chosen.runtime != "torch") and device.type != "cpu":
+        raise ValueError(f"the {chosen.name} path runs on the CPU only")
     emulated_bf16 = chosen.dtype == torch.bfloat16 and not native_bfloat16(device)
     if emulated_bf16:
         logger.warning("no native bfloat16 on %s: the %s path will be slow", device, chosen.name)
@@ -470,7 +489,10 @@ def optimize_for_inference(
         for image, mask in calibration or default_calibration():
             image, mask = _placed(image, device, chosen), _placed(mask, device, chosen)
             inputs.append((_placed(prepared.fill_holes(image, mask), device, chosen), mask))
-    network = _network(prepared, chosen, inputs)
+    if chosen.runtime == "onnxruntime":
+        network = onnxruntime_network(prepared, calibration=inputs, reduce_range=not native_int8())
+    else:
+        network = _network(prepared, chosen, inputs)
     if chosen.compile:
         persistent_compile_cache()
         network = torch.compile(network)

@@ -6,6 +6,7 @@ dfnet inpaint --model DIR --image PHOTOS/ --mask MASKS/ --out RESULTS/
 dfnet inpaint --image IMG --mask MASK --out OUT --explain DIR   # + the fusion blocks' α and C
 dfnet import-official model_places2.pth models/places2
 dfnet info --model DIR
+dfnet export-onnx MODEL_DIR OUT.onnx                       # needs pip install 'dfnet[onnx]'
 """
 
 from __future__ import annotations
@@ -136,6 +137,26 @@ def cmd_import_official(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from dfnet.onnx import export_onnx, onnxruntime_available
+
+    if not onnxruntime_available():
+        print("error: export-onnx needs onnx, onnxscript and onnxruntime: pip install 'dfnet[onnx]'", file=sys.stderr)
+        return 2
+    model, _ = load_model(args.model_dir)
+    export_onnx(model, args.out)
+    config = model.config
+    prefill = "no pre-fill"
+    if config.prefill != "none":
+        flag = f"cv2.INPAINT_{config.prefill.upper()}"
+        prefill = f"holes pre-filled by the caller: cv2.inpaint(image, hole, {config.prefill_radius}, {flag})"
+    print(
+        f"wrote {args.out}: inputs image (N,3,H,W) RGB in [0,1] and mask (N,1,H,W) 1 = known, output completed "
+        f"(N,3,H,W); H and W multiples of {config.size_multiple}; {prefill}"
+    )
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     meta = read_model_config(args.model)
     meta["parameters"] = DFNet.from_pretrained(args.model).num_parameters()
@@ -170,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "off", *INFERENCE_PATHS],
         default="auto",
         help="how the network runs (dfnet.accelerate): auto = the fastest path for this machine "
-        "(compiled; bf16 where native, else int8; an image size compiles once enough images of it remain "
-        "to pay the compile back, else runs eagerly), off = the plain model",
+        "(bf16 where native, else int8: ONNX Runtime's on AVX-512 VNNI CPUs, else torch's, compiled; an image size "
+        "compiles once enough images of it remain to pay the compile back, else runs eagerly), off = the plain model",
     )
     p.add_argument(
         "--explain",
@@ -190,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
     p.set_defaults(func=cmd_import_official)
+
+    p = sub.add_parser("export-onnx", help="write the network (fusion and composite included) as an ONNX graph")
+    p.add_argument("model_dir", help="model directory, s3://bucket/prefix, an official .pth, or 'pretrained'")
+    p.add_argument("out", help="the .onnx file to write")
+    p.set_defaults(func=cmd_export_onnx)
 
     p = sub.add_parser("info", help="print a model directory's configuration and provenance")
     p.add_argument("--model", default=PRETRAINED_NAME, help="model directory (default: the shipped model)")

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from dfnet import accelerate
 from dfnet.accelerate import (
     INFERENCE_PATHS,
     InferencePath,
@@ -29,6 +30,7 @@ from dfnet.accelerate import (
 )
 from dfnet.fast_decoder import FastDecoderBlock, subpixel_kernels, use_fast_decoders
 from dfnet.model import Conv2dSame, DecoderBlock, DFNet, build_model
+from dfnet.onnx import onnxruntime_available
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64  # the small preset's size multiple
@@ -254,18 +256,26 @@ def test_unknown_path_is_a_clear_error(model):
 
 
 def test_auto_chooses_from_the_machine(model, monkeypatch):
+    cpu = torch.device("cpu")
     path, reason = choose_path("cpu")
-    assert path is INFERENCE_PATHS["compile-bf16" if native_bfloat16(torch.device("cpu")) else "int8"]
-    assert "bf16" in reason
-    # The same CPU capped to AVX2 (what a Zen 3 runs): no native bf16, so int8 (torchao is installed).
+    if native_bfloat16(cpu):
+        assert path is INFERENCE_PATHS["compile-bf16"] and "native bf16" in reason
+    elif native_int8() and onnxruntime_available():  # AVX-512 VNNI without bf16
+        assert path is INFERENCE_PATHS["onnxruntime-int8"] and "no native bf16" in reason
+    else:
+        assert path is INFERENCE_PATHS["int8"] and "no native bf16" in reason
+    # The same CPU capped to AVX2 (what a Zen 3 runs): no native bf16 and no VNNI for torch, so
+    # int8 (torchao is installed).
     capped = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    check = "from dfnet.accelerate import choose_path; print(*choose_path('cpu'), sep='|')"
+    check = "from dfnet.accelerate import choose_path; p, r = choose_path('cpu'); print(p.name, r, sep='|')"
     out = subprocess.run([sys.executable, "-c", check], env=capped, capture_output=True, text=True, check=True)
     name, reason = out.stdout.strip().rsplit("\n", 1)[-1].split("|")
-    assert name == "InferencePath(name='int8', compile=True, dtype=None, int8=True, channels_last=True, fold_bn=True)"
-    assert "no native bf16" in reason
-    # Inductor needs a C++ compiler on the CPU: without one, auto stays eager (a real lookup).
+    assert name == "int8" and "no native bf16" in reason
+    # Inductor needs a C++ compiler on the CPU: without one, auto stays eager (a real lookup) ...
     monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    if path.runtime == "onnxruntime":  # ... unless it runs ONNX Runtime, which compiles nothing
+        assert choose_path("cpu")[0] is path
+        monkeypatch.setattr(accelerate, "onnxruntime_available", lambda: False)  # as without dfnet[onnx]
     path, reason = choose_path("cpu")
     assert path.name == "eager" and "C++ compiler" in reason
     runner = optimize_for_inference(model)
