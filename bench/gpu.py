@@ -34,10 +34,14 @@ import cv2
 import numpy as np
 import torch
 
-from dfnet.accelerate import InferencePath, optimize_for_inference
-from dfnet.losses import DFNetLoss, LossConfig
-from dfnet.model import DFNet, build_model
-from dfnet.training import _step
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # a bare GPU box has the project's files, not the installed package
+
+from dfnet.accelerate import InferencePath, optimize_for_inference  # noqa: E402
+from dfnet.losses import DFNetLoss  # noqa: E402
+from dfnet.model import DFNet, build_model  # noqa: E402
+from dfnet.params import load_params  # noqa: E402
+from dfnet.training import _step  # noqa: E402
 
 SKIPPED = 77
 PRETRAINED = "pretrained"
@@ -111,7 +115,9 @@ def bench_training(args: argparse.Namespace) -> list[dict[str, Any]]:
     for amp in (False, True):
         torch.manual_seed(0)
         model = build_model("official").cuda()
-        loss_fn = DFNetLoss(LossConfig(p=6, q=3, texture_fallback="random")).cuda()
+        # The paper's (p, q) for the official preset; a random VGG where ImageNet weights are absent.
+        loss = load_params(ROOT / "params.yaml", {"loss": {"p": 6, "q": 3, "texture_fallback": "random"}}).loss
+        loss_fn = DFNetLoss(loss).cuda()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         scaler = torch.amp.GradScaler("cuda") if amp and not torch.cuda.is_bf16_supported() else None
         step = (model, loss_fn, optimizer, image, mask, scaler, amp)
