@@ -98,6 +98,7 @@ class TrainParams:
     crops_per_photo: int  # one pass = this many fresh crops of every training photo
     steps_per_epoch: int | None  # None = an epoch is one pass
     shuffle_buffer_mb: float  # crops shuffled across photos, per data stream
+    data_inflight_mb: float  # Ray Data's object-store budget for crops in flight
     max_zoom_out: float  # crop windows of image_size × [1, this] stored pixels
     batch_size: int  # per worker
     lr: float
@@ -120,8 +121,8 @@ class TrainParams:
     def __post_init__(self) -> None:
         if self.val_max_photos < 1 or (self.steps_per_epoch is not None and self.steps_per_epoch < 1):
             raise ValueError("params.yaml: train.val_max_photos and train.steps_per_epoch (or null) must be >= 1")
-        if self.shuffle_buffer_mb <= 0:
-            raise ValueError("params.yaml: train.shuffle_buffer_mb must be > 0")
+        if self.shuffle_buffer_mb <= 0 or self.data_inflight_mb <= 0:
+            raise ValueError("params.yaml: train.shuffle_buffer_mb and train.data_inflight_mb must be > 0")
 
 
 @dataclass

@@ -40,6 +40,7 @@ log = logging.getLogger("dfnet.training")
 # How and where a run executes, and how long: not part of its identity (more epochs extend it).
 _NOT_IDENTITY = (
     "epochs", "resume", "max_failures", "num_workers", "use_gpu", "storage_path", "out_dir", "loader_workers",
+    "data_inflight_mb",
 )  # fmt: skip
 #: A training run's resumable state: model, optimizer, scheduler, step, epoch, history, extra.
 State = dict[str, Any]

@@ -33,7 +33,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.data import FileShuffleConfig
+from ray.data import ExecutionResources, FileShuffleConfig
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
 from dfnet.data import stable_hash
@@ -88,6 +88,15 @@ def crop_dataset(params: Params, first_epoch: int = 0) -> ray.data.Dataset:
     ).select_columns(["key", "image"])
     # A few photos per task keep output blocks small (16 crops of 512² are 16 MB).
     return photos.map_batches(_crop_batch, fn_args=(crops, seed), batch_size=4, batch_format="numpy")
+
+
+def data_config(params: Params) -> ray.train.DataConfig:
+    """Ray Data's object-store budget for crops in flight: without it the pipeline reads ahead
+    until the object store is full, so its memory (and work thrown away at an epoch's end)
+    would grow with the data set."""
+    options = ray.train.DataConfig.default_ingest_options()
+    options.resource_limits = ExecutionResources.for_limits(object_store_memory=params.train.data_inflight_mb * 2**20)
+    return ray.train.DataConfig(execution_options=options)
 
 
 def resumed_epoch(storage_path: str, name: str) -> int:
@@ -198,6 +207,7 @@ def build_trainer(params: Params, extra_config: dict[str, Any] | None = None) ->
         train_loop_per_worker,
         train_loop_config=config,
         datasets={"train": crop_dataset(params, resumed_epoch(t.storage_path, config["name"]))},
+        dataset_config=data_config(params),
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
             use_gpu=t.use_gpu,
