@@ -106,7 +106,9 @@ def resumed_epoch(storage_path: str, name: str) -> int:
     if fs.get_file_info(run).type == pafs.FileType.NotFound:
         return 0
     entries = fs.get_file_info(pafs.FileSelector(run))
-    checkpoints = sorted(i.path for i in entries if i.base_name.startswith("checkpoint_"))
+    checkpoints = sorted(
+        i.path for i in entries if i.base_name.startswith("checkpoint_") and i.type != pafs.FileType.File
+    )  # folders (object stores list them as "directories"), not Ray's checkpoint_manager_snapshot.json
     for checkpoint in reversed(checkpoints):  # the newest with its progress written
         with contextlib.suppress(FileNotFoundError), fs.open_input_stream(f"{checkpoint}/{PROGRESS_FILE}") as stream:
             return int(json.loads(stream.read())["epoch"])
@@ -233,7 +235,10 @@ def _absolute(path: str) -> str:
 
 
 def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> State:
-    with checkpoint.as_directory() as directory:
+    # A copy of its own for every caller: as_directory() shares one download among the workers
+    # of a node, and a restarted group on one node once read a state file still being written.
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint.to_directory(directory)
         return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
