@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import cpu_name  # bench/'s shared helpers
+from _common import cpu_name, write_doc  # bench/'s shared helpers
 
 from dfnet.accelerate import INFERENCE_PATHS, InferencePath, InferenceRunner, choose_path, optimize_for_inference
 from dfnet.masks import HOLE_BINS, evaluation_masks
@@ -337,19 +337,6 @@ def section(env: dict[str, str], records: list[dict[str, Any]], command: str, ph
     )
 
 
-def write_doc(doc: Path, key: str, text: str) -> None:
-    """Replace (or append) this machine's section of `doc`, between its own markers."""
-    start, end = f"<!-- inference:{key}:start -->", f"<!-- inference:{key}:end -->"
-    old = doc.read_text() if doc.is_file() else "# Performance\n\nWritten by the benchmarks in bench/.\n"
-    block = f"{start}\n{text}\n{end}"
-    if start in old:
-        new = old[: old.index(start)] + block + old[old.index(end) + len(end) :]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(new)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=["official", "shipped"], default=["official", "shipped"])
@@ -390,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + text)
     if args.doc is not None:
         key = re.sub(r"[^a-z0-9]+", "-", f"{env['cpu']} {env['device']} {env['isa']}".lower()).strip("-")
-        write_doc(args.doc, key, text)
+        write_doc(args.doc, f"inference:{key}", text)
         progress(f"wrote {args.doc}")
 
 

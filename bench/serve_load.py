@@ -38,7 +38,7 @@ import httpx
 import numpy as np
 import psutil
 import torch
-from _common import cpu_name  # bench/'s shared helpers
+from _common import cpu_name, write_doc  # bench/'s shared helpers
 from PIL import Image
 
 from dfnet.images import encode_png
@@ -49,7 +49,6 @@ from serve.ray_env import RAY_ENV_FILE, read_ray_env
 from serve.schemas import ServeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- serve_load:start -->", "<!-- serve_load:end -->"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -283,17 +282,6 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_doc(path: Path, section: str) -> None:
-    """Replace (or append) the part between the markers; the rest of the file is not ours."""
-    text = path.read_text() if path.exists() else "# Performance\n"
-    block = f"{START}\n{section}{END}"
-    if START in text and END in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> None:
     import ray
     from ray import serve
@@ -324,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     section = markdown(report)
     print("\n" + section)
     if args.doc:
-        write_doc(Path(args.doc), section)
+        write_doc(Path(args.doc), "serve_load", section.rstrip("\n"))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
