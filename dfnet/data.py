@@ -38,12 +38,9 @@ __all__ = [
     "training_mask",
 ]
 
-# Natural photographs that ship inside scikit-image and scikit-learn, keyed by a name that does
-# not depend on where the packages are installed. Left out on purpose: synthetic or drawn images
-# (chessboard, color, logo, phantom, horse, text, page), the motion-blur demo (clock_motion),
-# near-duplicates (motorcycle_right is the stereo twin of motorcycle_left: the two would leak
-# across splits), micro-thumbnails (microaneurysms) and retina.jpg (mostly black border).
-# Grey photos are kept; decoding turns them into RGB.
+# Natural photographs only: drawn images, the motion-blur demo, thumbnails, retina.jpg (mostly
+# border) and motorcycle_right (stereo twin of motorcycle_left: it would leak across splits) are
+# left out. Grey photos are kept; decoding turns them into RGB.
 _SKIMAGE_PHOTOS = (
     "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
     "hubble_deep_field.jpg", "ihc.png", "camera.png", "coins.png", "moon.png", "brick.png",
@@ -90,8 +87,8 @@ def sample_photos() -> dict[str, Path]:
 
 
 def encode_jpeg(array: np.ndarray, quality: int = 95) -> bytes:
-    """JPEG bytes of an ``HxWx3`` uint8 array: how prepared photos are stored (a twentieth of a
-    PNG's size at quality 95, and the source photos are JPEGs already)."""
+    """JPEG bytes of an ``HxWx3`` uint8 array: how prepared photos are stored (far smaller than
+    PNG, and the source photos are JPEGs already)."""
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
@@ -179,12 +176,9 @@ def resize_short_side(image: np.ndarray, side: int, upscale: bool = True) -> np.
 def train_crop(image: np.ndarray, size: int, rng: np.random.Generator, max_zoom_out: float) -> tuple[np.ndarray, float]:
     """A fresh training crop: random scale, position and horizontal flip, resampled to ``size``².
 
-    Returns the crop and its window's share of the photo's short side (1 = the whole short side),
-    so :func:`training_mask` can cut the crop's mask at the same scale.
-
-    The window is ``size * z`` stored pixels wide with ``z`` uniform in ``[1, max_zoom_out]``
-    (capped by the photo's short side); the pipeline passes params.yaml's ``train.max_zoom_out``.
-    Wider windows show more of a photo per crop, nearer the whole photos the model completes.
+    The window is ``size * z`` stored pixels wide, ``z`` uniform in ``[1, max_zoom_out]``: wider
+    windows show more of a photo, nearer the whole photos the model completes. Also returns the
+    window's share of the photo's short side, so :func:`training_mask` cuts at the same scale.
     """
     if size < 1 or max_zoom_out < 1.0:
         raise ValueError("need size >= 1 and max_zoom_out >= 1")
@@ -217,10 +211,8 @@ def _unit(key: str) -> float:
 def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
     """``"train"``, ``"val"`` or ``"test"`` for the source photo ``key``, from a stable hash.
 
-    The hash maps the key to u in [0, 1): u < test_fraction -> test, then the next val_fraction
-    -> val, the rest -> train. A photo's split never changes when other photos are added or
-    removed, which is what large folder/S3 sources need. Call it with the *photo* key so all
-    crops of a photo share its split.
+    A photo's split never changes when other photos are added or removed, which is what large
+    folder/S3 sources need.
     """
     _check_fractions(val_fraction, test_fraction)
     u = _unit(key)
@@ -234,11 +226,8 @@ def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
 def quota_splits(keys: Iterable[str], val_fraction: float, test_fraction: float) -> dict[str, str]:
     """Splits for a *small, fixed* set of photos (the sample source) by quotas instead of chance.
 
-    With ~15 photos, independent hash draws can leave val or test empty. Here the photos are
-    ordered by the same stable hash as :func:`split_of` and the first
-    ``max(1, round(n * test_fraction))`` go to test, the next ``max(1, round(n * val_fraction))``
-    to val and the rest to train (a zero fraction gives an empty split; train always keeps at
-    least one photo). Deterministic, and each photo gets exactly one split.
+    With a handful of photos, independent hash draws can leave val or test empty; quotas give
+    each non-zero fraction at least one photo, in the order of :func:`split_of`'s hash.
     """
     _check_fractions(val_fraction, test_fraction)
     ordered = sorted(set(keys), key=lambda k: (_unit(k), k))
@@ -272,12 +261,11 @@ def training_mask(
     """One ``size``² training mask, float32 with 1 = known: a random pool mask under the paper's
     random affine augmentation, cut at the crop's scale.
 
-    Pool masks are drawn like whole-photo masks (brush widths and stroke lengths follow the
-    photo's size), so a crop showing ``share`` of its photo's short side gets the same share of a
-    pool mask, resized to ``size``: its holes are as wide, relative to the content, as holes in a
-    whole photo are (pool masks cut at a fixed pixel scale trained on holes 2-8× thinner than
-    the evaluation's).
+    A crop showing ``share`` of its photo's short side gets the same share of a pool mask, so its
+    holes are as wide, relative to the content, as in a whole photo; a fixed pixel cut would
+    train on holes much thinner than the evaluation's.
     """
+
     if not 0.0 < share <= 1.0:
         raise ValueError(f"share must be in (0, 1], got {share}")
     base = pool[int(rng.integers(0, pool.shape[0]))]

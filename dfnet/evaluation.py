@@ -1,16 +1,9 @@
 """Whole-photo scoring: the one path behind the evaluate stage, training validation, the Tune
 search, the registry and `bench/heldout.py`.
 
-Users complete whole photos at their own size, so held-out photos are scored that way: each is
-scaled to a short side (never cropped) and completed whole. Every photo meets one mask per
-hole-ratio bin (`dfnet.masks.HOLE_BINS`), drawn at the photo's scaled size, so brush widths and
-hole shapes follow the photo's resolution and every mask's hole ratio lies inside its bin.
-
-A photo's masks depend only on (mask seed, photo key, short side): the seed goes through
-`dfnet.data.stable_hash`, so every run sees the same pairs and adding or removing photos never
-changes another photo's masks.
-
-Plain numpy/torch/OpenCV: no Ray, no MLflow, so every caller can use it anywhere.
+Users complete whole photos at their own size, so held-out photos are scaled to a short side
+(never cropped) and completed whole, each with masks drawn at that size. A photo's masks depend
+only on (mask seed, photo key, short side), so adding photos never changes another's masks.
 """
 
 from __future__ import annotations
@@ -133,11 +126,8 @@ def evaluation_pairs(
 ) -> list[Pair]:
     """The fixed (photo, mask) pairs of `photos` ({key: HxWx3 uint8}) scaled to `short_side`.
 
-    every_bin=True: each photo with each bin's mask (`bench/heldout.py --every-bin`).
-    every_bin=False: the photo at position i in sorted key order with bin i mod 5 only, a fifth of
-    the work with every bin still equally represented (exactly so for a multiple of 5 photos): the
-    evaluate stage, training validation and the Tune search. Either way a photo's mask for a bin
-    is the same one. Ordered by key, then bin.
+    every_bin=True pairs each photo with every bin's mask; False cycles the bins over the photos
+    in key order, a fraction of the work with every bin still equally represented.
     """
     pairs = []
     for position, key in enumerate(sorted(photos)):
@@ -263,15 +253,13 @@ def split_scores(
     """Score `methods` on a prepared split's photos at `short_side`: the one path behind the
     evaluate stage (test photos), training validation (val photos) and the Tune search.
 
-    A fixed subset of `max_photos` photos (chosen by a hash of `seed` and the key, never by
-    reading the split), each with one bin's mask or, with `every_bin`, with every bin's. Returns
-    (per-bin scores as `evaluate_methods` gives them, the examples for a grid, photos scored).
+    Returns (per-bin scores as `evaluate_methods` gives them, the grid's examples, photos scored).
     """
     photos = load_photos(data_dir, split, short_side, max_photos, seed)
     if not photos:
         return {name: {} for name in methods}, [], 0
     # With under two photos per bin, cycling bins would leave bins empty or resting on one
-    # photo (the 15 bundled photos give 2 test photos): then every photo meets every bin.
+    # photo: then every photo meets every bin.
     all_bins = every_bin or len(photos) < 2 * len(HOLE_BINS)
     pairs = evaluation_pairs(photos, short_side, seed, every_bin=all_bins)
     per_bin, picked = evaluate_methods(methods, pairs, band_width, examples=examples)
@@ -298,8 +286,8 @@ def validation_scores(model: DFNet, params: Params) -> dict[str, float]:
 
 #: {method: {size: {bin label: {metric: mean}}}}, sizes as strings (JSON keys).
 Results = dict[str, dict[str, dict[str, dict[str, float]]]]
-#: OpenCV radii of `bench/heldout.py`. The stage scores radius 3 only: radius 5 costs over twice as
-#: much at 512 px with large holes and scored within 2% of radius 3 on the sample photos.
+#: OpenCV radii of `bench/heldout.py`. The stage scores radius 3 only: the fill's cost grows with
+#: the radius and the larger one scored about the same.
 OPENCV_RADII = (3, 5)
 
 
@@ -314,10 +302,10 @@ def baseline_methods(radii: tuple[int, ...] = (3,)) -> dict[str, Method]:
 
 
 def stage_methods(params: Params, model_dir: str | Path, radii: tuple[int, ...] = (3,)) -> dict[str, Method]:
-    """The trained model in `model_dir`, the model shipped with the package (what fine-tuning
-    started from; left out when `model_dir` is that model), the untrained network (seeded like
-    training; with `model.prefill` it returns exactly its pre-fill) and the OpenCV baselines at
-    `radii`: what the evaluate stage and `bench/heldout.py` compare."""
+    """What the evaluate stage and `bench/heldout.py` compare: the trained model, the shipped
+    one (unless that is `model_dir`), the untrained network (with `model.prefill` it returns its
+    pre-fill) and the OpenCV baselines at `radii`."""
+
     torch.manual_seed(params.train.seed)
     untrained = DFNet.from_params(params.model).eval()
     shipped = pretrained_dir()

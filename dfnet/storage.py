@@ -49,10 +49,8 @@ PARQUET_SCHEMA: pa.Schema = pa.schema(
 def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem and the path inside it for a local path or a URI such as ``s3://``.
 
-    For S3 the endpoint comes from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``, the region from
-    ``AWS_REGION``/``AWS_DEFAULT_REGION``. Credentials found in the environment are passed
-    explicitly so the filesystem carries them when pickled to Ray workers whose environment lacks
-    them; without them the SDK's default chain (config files, instance roles) applies.
+    S3 credentials found in the environment are passed explicitly so the filesystem carries them
+    when pickled to Ray workers whose environment lacks them; otherwise the SDK's chain applies.
     """
     uri = str(uri)
     if uri.startswith("s3://"):
@@ -77,8 +75,7 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
 def split_files(root: str, split: str) -> tuple[pafs.FileSystem, list[str]]:
     """The filesystem and the sorted Parquet shard paths of ``{root}/{split}``.
 
-    A shard holds ``data.shard_rows`` photos, so this list is that many times shorter than the
-    split (Places2's 1.8 M training photos in 64-photo shards: 28 k paths).
+    A shard holds ``data.shard_rows`` photos, so this list stays short even for large splits.
     """
     fs, path = filesystem_for(root)
     directory = f"{path}/{split}"
@@ -112,10 +109,10 @@ def count_rows(root: str, split: str) -> int:
 def read_subset(root: str, split: str, count: int, seed: int) -> pa.Table:
     """A fixed, seeded subset of ``count`` photos of a split, in key order.
 
-    The photos whose ``hash(seed, key)`` is smallest: the choice depends on the keys alone, so it
-    does not change with shard layout, and adding photos only swaps in those that hash lower.
-    Only the key column is scanned, keeping ``count`` keys at a time.
+    The photos whose ``hash(seed, key)`` is smallest: the choice ignores shard layout, and adding
+    photos only swaps in those that hash lower. Only the key column is scanned.
     """
+
     if count < 1:
         raise ValueError(f"a subset needs count >= 1, got {count}")
     fs, files = split_files(root, split)

@@ -37,10 +37,9 @@ SKIP_REASONS: tuple[str, ...] = (
     "unsupported compression",  # an .rcc entry compressed with something other than zlib
 )
 
-#: Near-duplicates: mean absolute difference of the 16x16 grey thumbnails (0-255 levels) and of
-#: the log aspect ratios below which two photos count as one picture. Copies of corpus photos
-#: resized to 30-80 % and re-encoded at quality 60-90 measured at most 1.2 levels; the closest
-#: two distinct photos of the Debian corpus 13.7.
+#: Near-duplicates: mean absolute difference of the grey thumbnails (0-255 levels) and of the log
+#: aspect ratios below which two photos count as one picture. The level threshold sits well above
+#: what resizing and re-encoding a photo changes and well below the closest distinct photos.
 NEAR_DUPLICATE_LEVELS = 4.0
 NEAR_DUPLICATE_ASPECT = 0.02
 _THUMB_SIDE = 16
@@ -60,7 +59,7 @@ class Candidate:
     source_width: int  # oriented size before downscaling: the larger copy of a picture wins
     source_height: int
     pixel_sha256: str  # of the decoded, oriented pixels
-    thumb: np.ndarray  # 16x16 grey, float32, for near-duplicates
+    thumb: np.ndarray  # grey thumbnail, float32, for near-duplicates
     jpeg: bytes
 
     @property
@@ -157,11 +156,10 @@ def _largest_per_folder(sources: list[tuple[str, bytes]]) -> tuple[list[tuple[st
 def harvest_package(deb: str | Path, selection: PackageSelection, max_short_side: int) -> PackageHarvest:
     """Unpack ``deb`` into a temporary folder and turn the selected files into candidates.
 
-    Every image file of the package is counted: taken, or skipped with a reason from
-    :data:`SKIP_REASONS` (duplicates across packages are decided later, by
-    :func:`deduplicate`). Raises (CalledProcessError, ValueError) when the package itself is
-    unusable: not a .deb, or another package than the selection's.
+    Every image file is taken or counted under a :data:`SKIP_REASONS` reason. Raises
+    (CalledProcessError, ValueError) when the package is not a .deb or not the selection's.
     """
+
     deb = Path(deb)
     package = deb_field(deb, "Package")
     if package != selection.package:
@@ -251,11 +249,9 @@ def _select_members(
 def deduplicate(candidates: Iterable[Candidate]) -> tuple[list[Candidate], list[tuple[Candidate, Candidate]]]:
     """Drop exact and near duplicates, keeping the larger copy of each picture.
 
-    Exact: the same decoded, oriented pixels (sha256). Near: the same picture at another size or
-    re-encoded, i.e. 16x16 grey thumbnails within :data:`NEAR_DUPLICATE_LEVELS` and aspect ratios
-    within :data:`NEAR_DUPLICATE_ASPECT`. Candidates are visited largest first (ties by key), so
-    the result does not depend on the input order. Returns ``(kept sorted by key, [(dropped,
-    the kept copy it duplicates), ...])``.
+    Exact: the same decoded pixels; near: thumbnails and aspect ratios within the
+    ``NEAR_DUPLICATE_*`` thresholds. Largest first, so the input order does not matter. Returns
+    ``(kept sorted by key, [(dropped, the kept copy it duplicates), ...])``.
     """
     order = sorted(candidates, key=lambda c: (-c.source_width * c.source_height, c.key))
     kept: list[Candidate] = []

@@ -57,8 +57,9 @@ _GCOMPRIS_BUNDLES = (
 )  # fmt: skip
 _ENDLESS_SKY = "usr/share/games/endless-sky/plugins/endless-sky-high-dpi/"
 
-#: The corpus: the packages of photo-corpus.md except enlightenment-data (401 MB for 14 photos)
-#: and endless-sky-data (endless-sky-high-dpi holds the same photos at twice the size).
+#: The corpus: the packages of photo-corpus.md except enlightenment-data (a huge download for a
+#: handful of photos) and endless-sky-data (endless-sky-high-dpi holds the same photos, larger).
+
 DEFAULT_SELECTIONS: tuple[PackageSelection, ...] = (
     PackageSelection(
         package="endless-sky-high-dpi",
