@@ -1,16 +1,9 @@
 """DFNet training losses (paper Section 3.3): multi-scale structure + texture loss.
 
-The model returns its fused results finest first (``results[0]`` is full size, each next one half
-the size). For every scale the ground truth is resized bilinearly to that scale and:
-
-* structure (scales P = the ``p`` finest): λ_l1 · mean over P of L1(result_k, target_k);
-* texture (scales Q = the ``q`` finest): λ_p · perceptual + λ_s · style + λ_tv · TV, each
-  averaged over Q. Perceptual and style use a frozen VGG16 (pool1/pool2/pool3) applied to
-  [0, 1] images without ImageNet normalisation, as the release did.
-
-The VGG16 should carry torchvision's ImageNet weights (``vgg16-397923af.pth``). They are never
-downloaded here: see :func:`load_vgg16_features` for where they are looked for and what happens
-when they are missing (``texture_fallback`` of params.yaml's ``loss`` section).
+Structure is L1 over the ``p`` finest fused results; texture is perceptual + style + TV over the
+``q`` finest, each against the ground truth resized to that scale. Perceptual and style use a
+frozen VGG16 on [0, 1] images without ImageNet normalisation, as the release did; its ImageNet
+weights are never downloaded here (:func:`load_vgg16_features`).
 """
 
 from __future__ import annotations
@@ -42,9 +35,8 @@ logger = logging.getLogger(__name__)
 VGG16_FILENAME = "vgg16-397923af.pth"
 #: Environment variable that may point at the VGG16 weights file.
 VGG16_ENV_VAR = "DFNET_VGG16_WEIGHTS"
-#: Smallest image side (px) on which the VGG terms are computed. Three 2×2 poolings turn a 16 px
-#: side into 2 px at pool3; below 8 px pool3 would be empty and the VGG forward would fail, and
-#: Gram statistics of 1×1 maps are meaningless anyway, so such tiny scales skip the VGG terms.
+#: Smallest image side (px) on which the VGG terms are computed: after three poolings a smaller
+#: scale leaves pool3 empty or too small for its Gram statistics to mean anything.
 MIN_VGG_SIDE = 16
 #: Seed of the random-init VGG16 fallback, so runs without real weights are at least repeatable.
 RANDOM_VGG_SEED = 0
@@ -59,12 +51,10 @@ _POOL_ENDS = (5, 10, 17)
 
 
 class VGG16Features(nn.Module):
-    """The first 17 layers of torchvision's VGG16 ``features`` (up to and including pool3).
+    """torchvision's VGG16 ``features`` up to and including pool3, frozen and always in eval mode.
 
-    Parameter names are exactly torchvision's (``features.0.weight`` … ``features.14.bias``), so
-    the ImageNet checkpoint loads directly once its other keys are dropped. The module is frozen:
-    parameters never require gradients and it stays in eval mode (gradients still flow to the
-    *input*, which is what the perceptual/style losses need).
+    Parameter names are torchvision's, so the ImageNet checkpoint loads directly once its other
+    keys are dropped. Gradients still flow to the *input*, which the texture losses need.
     """
 
     def __init__(self) -> None:
@@ -156,19 +146,12 @@ def _keep_up_to_pool3(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def load_vgg16_features(weights: str | None, fallback: str) -> tuple[VGG16Features | None, str]:
-    """Build the frozen VGG16 pool1–pool3 extractor and say where its weights came from.
+    """The frozen VGG16 pool1–pool3 extractor and a provenance string saying where its weights
+    came from.
 
-    Weights are looked for, in order, at ``weights`` (an explicit path), at ``$DFNET_VGG16_WEIGHTS``
-    and at ``torch.hub.get_dir()/checkpoints/vgg16-397923af.pth`` (torchvision's cache). Nothing
-    is ever downloaded. The first existing file is loaded with ``weights_only=True``; a file that
-    exists but lacks the needed keys raises rather than falling back.
-
-    When none exists, ``fallback`` decides: ``"random"`` returns a seeded random-init VGG16,
-    ``"off"`` returns ``None`` (texture terms disabled), ``"error"`` raises FileNotFoundError.
-    Both fallbacks log a warning saying where it looked and how to provide the weights.
-
-    Returns ``(module or None, provenance)`` with provenance ``"imagenet:<path>"``,
-    ``"random-init (ImageNet VGG16 weights not found: looked in …)"`` or ``"off"``.
+    Looks at ``weights``, ``$DFNET_VGG16_WEIGHTS`` and torchvision's hub cache, never downloads;
+    a file without the needed keys raises. When none exists, ``fallback`` decides: ``"random"``
+    (seeded random init), ``"off"`` (None: texture terms disabled) or ``"error"``.
     """
     if fallback not in _FALLBACKS:
         raise ValueError(f"texture_fallback must be one of {_FALLBACKS}, got {fallback!r}")
@@ -233,15 +216,11 @@ def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def total_variation(image: Tensor, mask: Tensor) -> Tensor:
-    """Mask-weighted total variation: mean |k ∗ image · mask| with the spec's 3×3 kernel.
+    """Mask-weighted total variation: mean |k ∗ image · mask| with the spec's 3×3 kernel, the
+    mask (1 = known) resized to the image, as the spec states literally.
 
-    The kernel [[0, 1, 0], [1, −2, 0], [0, 0, 0]] (cross-correlation, as ``F.conv2d`` applies it)
-    gives x[i−1, j] + x[i, j−1] − 2·x[i, j] per channel. ``mask`` (N×1×h×w, 1 = known) is resized
-    bilinearly to the image size and multiplies the response, as the spec states literally.
-
-    Padding: 1 pixel, *replicate* rather than zeros. Zero padding would read the outside as
-    black and charge every image a TV cost along its top and left borders (and push the
-    prediction's border towards black); with replicate padding a constant image has TV 0.
+    Replicate padding, because zeros would read the outside as black and charge every image a
+    TV cost along its borders; this way a constant image has TV 0.
     """
     channels = image.shape[1]
     kernel = image.new_tensor([[0.0, 1.0, 0.0], [1.0, -2.0, 0.0], [0.0, 0.0, 0.0]])
@@ -255,12 +234,9 @@ def total_variation(image: Tensor, mask: Tensor) -> Tensor:
 class DFNetLoss(nn.Module):
     """The DFNet loss over the model's multi-scale fused results.
 
-    ``forward`` returns ``total`` (differentiable) and the weighted terms ``structure``,
-    ``perceptual``, ``style``, ``tv`` (detached, for logging); total = the sum of the four.
-
-    Attributes ``provenance`` (where the VGG16 weights came from) and ``texture_enabled``
-    (whether perceptual/style are computed) are meant to be logged as run parameters.
-    When both λ_p and λ_s are 0 no VGG is loaded at all.
+    ``forward`` returns ``total`` and its four weighted terms, detached for logging.
+    ``provenance`` and ``texture_enabled`` say which VGG16 the texture terms used, for the run's
+    parameters; with both their weights at 0 no VGG is loaded at all.
     """
 
     def __init__(self, config: LossParams) -> None:

@@ -1,13 +1,9 @@
 """Free-form hole masks: generation, augmentation, hole-ratio bins and compact storage.
 
-Convention everywhere in this module (and in ``dfnet``): a mask is a ``uint8`` array with
-**1 = known pixel, 0 = hole**. User-facing mask images ("white = hole", as drawn in most
-inpainting tools) are converted at the boundary with :func:`mask_from_image`.
-
-Strokes follow the DeepFill v2 recipe as described in the spec: each stroke is a polyline of
-4-11 vertices whose segment lengths are drawn from N(d/8, d/16) clipped to [0, d/4] (d = image
-diagonal), with alternating turning angles around 2*pi/5 +- 2*pi/15 and a brush width of 12-40 px
-at 256 px, scaled with the image size. Joints are rounded by drawing a disc at every vertex.
+Convention everywhere in ``dfnet``: a mask is a ``uint8`` array with **1 = known pixel,
+0 = hole**; user-facing mask images are converted at the boundary by :func:`mask_from_image`.
+Strokes follow the spec's DeepFill v2 recipe, with lengths and brush widths that scale with the
+image, so a mask looks alike at every photo size.
 """
 
 from __future__ import annotations
@@ -207,10 +203,9 @@ def _grow_mask(
 ) -> np.ndarray:
     """A hole canvas (1 = hole) with hole ratio in ``[lo, hi)`` and > 0, built stroke by stroke.
 
-    A target ratio is drawn uniformly in ``[lo, hi)`` so the accepted masks spread over the bin
-    instead of piling up just above ``lo``. Strokes are added until the target is reached; a
-    stroke that would overshoot ``hi`` is discarded and another tried, so high bins fill quickly
-    without blind rejection sampling of whole masks.
+    The target ratio is drawn uniformly so masks spread over the bin instead of piling up above
+    ``lo``; strokes that overshoot ``hi`` are dropped, so high bins fill without rejecting whole
+    masks.
     """
     area = height * width
     for _ in range(max_restarts):
@@ -236,11 +231,10 @@ def _grow_mask(
 
 
 def evaluation_masks(count_per_bin: int, height: int, width: int, seed: int) -> dict[int, np.ndarray]:
-    """Fixed evaluation masks per hole-ratio bin.
+    """Fixed evaluation masks per hole-ratio bin, fully determined by ``seed``.
 
-    Returns ``{bin_index: (count_per_bin, height, width) uint8}`` (1 = known, 0 = hole) where
-    every mask in bin ``i`` has a hole ratio in ``HOLE_BINS[i]`` (and > 0 for the lowest bin).
-    Fully determined by ``seed``.
+    Returns ``{bin_index: (count_per_bin, height, width) uint8}``; every mask in bin ``i`` has a
+    hole ratio in ``HOLE_BINS[i]`` (and > 0 for the lowest bin).
     """
     _check_size(height, width)
     if count_per_bin < 0:
@@ -259,8 +253,8 @@ def evaluation_masks(count_per_bin: int, height: int, width: int, seed: int) -> 
 def mask_pool(count: int, height: int, width: int, seed: int, max_ratio: float = 0.6) -> np.ndarray:
     """The training mask pool: ``(count, height, width)`` uint8, 1 = known, 0 = hole.
 
-    Hole ratios are spread roughly uniformly over (0, ``max_ratio``) (the paper trains on 1000
-    free-form masks; the augmentation in :func:`random_affine` is applied on the fly later).
+    Hole ratios spread roughly uniformly over (0, ``max_ratio``); :func:`random_affine` augments
+    them on the fly at training time.
     """
     _check_size(height, width)
     if count < 0:
@@ -336,13 +330,10 @@ def load_masks(path: str | os.PathLike[str] | BinaryIO) -> dict[str, np.ndarray]
 def mask_from_image(array: np.ndarray, convention: str) -> np.ndarray:
     """Convert a user-facing 8-bit mask image into the internal 1-known/0-hole uint8 mask.
 
-    ``array`` is HxW (grey), HxWx1, HxWx3 or HxWx4 (the alpha channel of RGBA is ignored and the
-    colour channels are used). Colour is reduced to luminance (ITU-R 601 weights); a pixel is
-    "white" when that value is >= 128. ``convention`` says what white means:
-
-    - ``"hole-white"``: white = hole (the usual convention of inpainting tools);
-    - ``"known-white"``: white = known pixel.
+    Colour is reduced to luminance (alpha ignored) and thresholded at mid grey; ``convention``
+    says whether white is the hole (``"hole-white"``, most tools) or known (``"known-white"``).
     """
+
     if convention not in MASK_CONVENTIONS:
         raise ValueError(f"unknown mask convention {convention!r}; expected one of {', '.join(MASK_CONVENTIONS)}")
     image = np.asarray(array)

@@ -1,14 +1,9 @@
 """Image-completion metrics: l1, BPE, PSNR and SSIM (paper section 4.2; its FID needs far more
 photos per hole-size bin than the evaluation here has, so it is not computed).
 
-Conventions: images are float tensors ``(N, C, H, W)`` in [0, 1]; masks are ``(N, 1, H, W)``
-with 1 = known pixel, 0 = hole. Per-image metrics return a tensor of shape ``(N,)`` so callers
-can average over any grouping (e.g. hole-ratio bins) themselves.
-
-l1 and BPE are reported in percent of the [0, 1] range (x100), the scale of the paper's l1
-numbers. The paper does not say how its BPE numbers were scaled (they are smaller than its l1
-numbers, which a mean over a band inside the hole would not be), so BPE values here are not
-directly comparable with Table 1; the scale chosen here is stated with every BPE value.
+Images are ``(N, C, H, W)`` floats in [0, 1], masks ``(N, 1, H, W)`` with 1 = known; each metric
+returns one value per image so callers can group them (e.g. by hole-ratio bin). l1 and BPE are in
+percent, the paper's l1 scale; its BPE scale is unpublished, so BPE is not comparable with Table 1.
 """
 
 from __future__ import annotations
@@ -45,10 +40,8 @@ def l1_percent(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def boundary_band(mask: torch.Tensor, width: int) -> torch.Tensor:
     """The ``width``-pixel band inside the hole along its boundary, as an ``(N, 1, H, W)`` 0/1 mask.
 
-    A hole pixel belongs to the band when its chessboard (Chebyshev, 8-connected) distance to the
-    nearest known pixel is <= ``width``; this is a dilation of the known region by a
-    ``(2*width+1)`` square, done as one max-pool. The pooling pads with -inf, so the image border
-    is not treated as known: holes touching the frame get no band along it.
+    Hole pixels within chessboard distance ``width`` of a known pixel, as one max-pool; the image
+    border does not count as known, so holes touching the frame get no band along it.
     """
     if width < 1:
         raise ValueError(f"band width must be >= 1, got {width}")
@@ -66,12 +59,8 @@ def band_width_for(height: int, width: int, width_at_256: int) -> int:
 
 
 def bpe(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, band_width: int) -> torch.Tensor:
-    """Boundary Pixels Error per image: ``||b * (I - I_hat)||_1 / ||b||_1`` x100.
-
-    ``b`` is :func:`boundary_band` broadcast over the channels, so this is the mean absolute
-    error over band pixels and channels, in percent of the [0, 1] range like :func:`l1_percent`
-    (the paper's own BPE scale is unpublished). Images whose band is empty (no hole, or no known
-    pixel) give NaN. :func:`band_width_for` scales the band with the image size.
+    """Boundary Pixels Error per image: ``||b * (I - I_hat)||_1 / ||b||_1`` x100, ``b`` the
+    :func:`boundary_band`. Images whose band is empty (no hole, or no known pixel) give NaN.
     """
     _check_pair(pred, target)
     if mask.shape[0] != pred.shape[0] or mask.shape[2:] != pred.shape[2:]:
@@ -91,10 +80,11 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM (Wang et al. 2004), data range 1, per channel and averaged: the mean of
-    scikit-image's `structural_similarity` with Wang et al.'s 11×11 Gaussian window (sigma 1.5)
-    and population covariances, computed in float64. Images must be at least 11×11.
+    """Per-image SSIM (Wang et al. 2004), data range 1, per channel and averaged: scikit-image's
+    `structural_similarity` with Wang et al.'s Gaussian window, in float64. Images must be at
+    least as large as the window (11×11).
     """
+
     _check_pair(pred, target)
     dtype = pred.dtype if pred.dtype in (torch.float32, torch.float64) else torch.float32
     x = pred.detach().to("cpu", torch.float64).numpy()
