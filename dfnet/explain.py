@@ -1,14 +1,8 @@
 """Inside DFNet's fusion blocks: the alpha composition map α_k and the raw completion C_k.
 
-Each fusion block k (0 = the finest, full resolution; the paper's Figure 3) turns decoder
-features into a raw completion C_k and blends it with the (scaled) input I_k through a learned
-alpha map: Î_k = α_k ⊙ C_k + (1 − α_k) ⊙ I_k. `capture_fusion` records α_k and C_k with forward
-hooks on the `FusionBlock` modules, registered only for the duration of an explained pass, so
-the model's code and its ordinary (possibly compiled) inference path stay as they are.
-
-`Inpainter.explain_batch` (dfnet.inpaint) maps them back onto the photo; the pictures written
-by ``dfnet inpaint --explain DIR`` and returned by the Serve endpoint (``explain=0``) come from
-`pictures`.
+Block k (0 = finest) blends its raw completion with the scaled input: Î_k = α_k ⊙ C_k +
+(1 − α_k) ⊙ I_k. `capture_fusion` records α_k and C_k with forward hooks held only for the
+explained pass, so the model's code and its (possibly compiled) inference path stay as they are.
 """
 
 from __future__ import annotations
@@ -33,9 +27,8 @@ PICTURES: tuple[str, ...] = ("alpha", "alpha_rgb", "raw")
 class FusionMaps:
     """One fusion block's maps over a whole photo (H×W, the photo's own size).
 
-    Where the network ran (the whole photo, or the windows around the holes for large photos),
-    the maps are the block's, upsampled from its resolution (1/2**level) by pixel repetition.
-    Elsewhere the photo was not run through the network: α is 0 there and C the input.
+    Where the network ran, the maps are the block's, upsampled by pixel repetition; elsewhere
+    α is 0 and C the input.
     """
 
     level: int

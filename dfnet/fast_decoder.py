@@ -19,10 +19,9 @@ __all__ = ["FastDecoderBlock", "add_phases", "subpixel_kernels", "transposed_ker
 
 
 class FastDecoderBlock(nn.Module):
-    """A trained `DecoderBlock`'s function (sharing its conv, norm and activation, so its state
-    dict keys too), with the upsampled half of the conv run at low resolution: as four sub-pixel
-    phases, or with `transposed` as one transposed conv (which inductor fuses better, while the
-    phases win eagerly). The skip half is an ordinary 3×3 conv at full resolution."""
+    """A trained `DecoderBlock`'s function (sharing its modules, so its state dict keys too) with
+    the upsampled half of the conv run at low resolution: as four sub-pixel phases, or with
+    `transposed` as one transposed conv, which inductor fuses better (the phases win eagerly)."""
 
     def __init__(self, block: DecoderBlock, transposed: bool = False):
         super().__init__()
@@ -35,10 +34,9 @@ class FastDecoderBlock(nn.Module):
         out = F.conv2d(skip, weight[:, up:], self.conv.bias, padding=1)  # the skip part, full resolution
         pad = 1
         if x.shape[-2:] == (1, 1):
-            # A 1×1 map (the bottleneck at the smallest input size) is NCHW and channels_last at
-            # once by its strides; inductor and oneDNN then disagree on the layout of the conv's
-            # output, and a recompiled (dynamic-shape) graph fails its stride checks. A padded
-            # 3×3 copy has one layout.
+            # A 1×1 map is NCHW and channels_last at once, so inductor and oneDNN disagree on the
+            # conv's output layout and a recompiled graph fails its stride checks; 3×3 has one.
+
             x, pad = F.pad(x, (1, 1, 1, 1)), 0
         elif self.transposed:
             out = out + F.conv_transpose2d(x, transposed_kernels(weight[:, :up]), stride=2, padding=1)

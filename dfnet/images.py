@@ -1,17 +1,9 @@
 """The project's one image decoder and PNG encoder, and its one list of image file extensions.
 
 Every reader of untrusted image bytes (the prepare stage, the CLI, Serve) goes through
-:func:`decode_image`, so transparency, palettes, 16-bit grey and EXIF orientation are handled the
-same way everywhere:
-
-- EXIF orientation is applied, so phone photos come out the way viewers show them;
-- the first frame of animated or multi-page files is used;
-- modes are reduced to three: ``L`` (any grey, 16/32-bit rescaled rather than clipped),
-  ``RGBA`` (anything with alpha: RGBA, LA, palettes or RGB with a transparent colour) and ``RGB``
-  (everything else); asking for ``mode="RGB"`` composites alpha over white, as viewers show it,
-  instead of exposing whatever colour hides under transparent pixels;
-- the pixel count announced by the header is checked before any pixel is decoded, so a
-  decompression bomb costs nothing.
+:func:`decode_image`, so every file is read the same way: EXIF orientation applied, the first
+frame only, modes reduced to L, RGB or RGBA (``mode="RGB"`` composites alpha over white, as
+viewers show it), and the header's pixel count checked before decoding, so a bomb costs nothing.
 """
 
 from __future__ import annotations
@@ -42,7 +34,7 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
     "png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff", "webp", "ppm", "pgm",
 )  # fmt: skip
 
-#: Pillow's own decompression-bomb threshold (about 89 Mpx): the limit when none is given.
+#: Pillow's own decompression-bomb threshold: the limit when none is given.
 DEFAULT_MAX_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 Mode = Literal["RGB", "RGBA", "L"]
@@ -98,10 +90,8 @@ def open_image(
 ) -> Image.Image:
     """Decode `data` to a Pillow image in mode L, RGB or RGBA (or `mode` when given).
 
-    max_pixels: refuse (ImageTooLarge) images whose header announces more pixels; None =
-        :data:`DEFAULT_MAX_PIXELS`. formats: Pillow format names to accept (e.g. PNG, JPEG,
-        WEBP); None = every format Pillow reads.
-    Raises UnreadableImage for empty, unknown, truncated or corrupt data.
+    Raises ImageTooLarge when the header announces more than `max_pixels` (None: Pillow's
+    limit), UnreadableImage for data that is empty, not one of `formats`, truncated or corrupt.
     """
     limit = max_pixels or DEFAULT_MAX_PIXELS
     if not data:
@@ -149,11 +139,10 @@ def encode_png(image: np.ndarray | Image.Image, *, fast: bool = False) -> bytes:
     """PNG bytes of a uint8 H×W, H×W×3 or H×W×4 array (or an L, RGB or RGBA Pillow image);
     deterministic.
 
-    fast: for answers whose encoding time counts against throughput (Serve): zlib level 1, the
-    run-length strategy and the Paeth filter on every row, through OpenCV's libpng (Pillow tries
-    five filters on every row): faster, slightly larger. The default (Pillow, level 6) favours
-    size (stored data).
+    `fast` is for answers whose encoding time counts (Serve): light compression and one filter
+    through OpenCV, larger files. The default favours size, for stored data.
     """
+
     if isinstance(image, Image.Image) and image.mode not in ("L", "RGB", "RGBA"):
         raise ValueError(f"encode_png takes L, RGB or RGBA images, got mode {image.mode}")
     array = np.ascontiguousarray(image)

@@ -1,16 +1,9 @@
 """Inpainting photos of any size with a trained DFNet.
 
-The network needs inputs whose sides are multiples of 2**levels and works best near the size it
-was trained at. `Inpainter` bridges that to user photos: it cuts the image into *windows* (the
-whole image, or crops around each hole), scales a window down when it is larger than the work
-size, pads it by reflection to the multiple, runs windows of equal shape as one batch, and pastes
-only the hole pixels back. Pixels outside the hole are copied from the input untouched, so they
-come back bit-exact whatever the strategy.
-
-`Inpainter.explain_batch` also returns the fusion blocks' α and C over each photo (dfnet.explain).
-
-Masks from users follow a named convention: "hole-white" (white = fill, the default of most
-inpainting tools) or "known-white" (white = keep, the release's convention).
+`Inpainter` cuts a photo into *windows* (the whole image, or crops around each hole), scales
+down those larger than the work size, pads them by reflection to the network's size multiple,
+batches windows of equal shape and pastes only the hole pixels back, so every other pixel comes
+back bit-exact. Masks are "hole-white" (white = fill, most tools) or "known-white" (the release).
 """
 
 from __future__ import annotations
@@ -34,7 +27,7 @@ from dfnet.model import DFNet
 Strategy = Literal["auto", "pad", "resize", "crops"]
 STRATEGIES: tuple[str, ...] = ("auto", "pad", "resize", "crops")
 Runner = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-#: Longest window side run at full resolution by default (a 1024×768 photo runs whole).
+#: Longest window side run at full resolution by default.
 DEFAULT_WORK_SIZE = 1024
 
 
@@ -97,11 +90,9 @@ def _to_uint8(x: torch.Tensor, quantization: str) -> np.ndarray:
 class Inpainter:
     """Fills holes in 8-bit RGB, RGBA and L photos of any size with a DFNet.
 
-    work_size: longest side a window may have at network resolution; larger windows are scaled
-    down (only their hole pixels are replaced, so the downscale costs detail inside the hole only).
-    It follows the photo, not the training crop: a fully convolutional network trained on small
-    crops fills holes at the photo's own resolution, so photos up to `DEFAULT_WORK_SIZE` run
-    whole and unscaled.
+    work_size: longest window side at network resolution; larger windows are scaled down, which
+    costs detail inside the hole only. It follows the photo, not the training crop: a fully
+    convolutional network fills holes at the photo's own resolution.
     """
 
     def __init__(
@@ -159,10 +150,10 @@ class Inpainter:
         mask_convention: str = "hole-white",
         strategy: Strategy = "auto",
     ) -> list[tuple[Image.Image, list[FusionMaps]]]:
-        """`inpaint_batch`, plus the α and C maps of the fusion blocks at `levels` (0 = the
-        finest) over each photo (dfnet.explain). The images are exactly `inpaint_batch`'s: they
-        come from the same runner; the maps from one more pass of the plain model, with forward
-        hooks on its fusion blocks for that pass only."""
+        """`inpaint_batch`, plus the α and C maps of the fusion blocks at `levels` (0 = finest)
+        over each photo. The maps come from one more pass of the plain model, hooked for that
+        pass only, so the images are exactly `inpaint_batch`'s."""
+
         levels = check_levels(self.model, levels)
         if not levels:
             raise ValueError("explain needs at least one fusion level")

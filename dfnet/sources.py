@@ -1,11 +1,9 @@
-"""One loader for every place a DFNet can come from: a model directory (local, or an
-``s3://bucket/prefix`` holding config.json + model.safetensors), an official ``.pth`` release
-checkpoint (local or on S3, converted on load), or ``pretrained`` (the model shipped with the
-package).
+"""One loader for every place a DFNet can come from: a model directory (local or
+``s3://bucket/prefix``), an official ``.pth`` release checkpoint (converted on load), or
+``pretrained`` (the model shipped with the package).
 
-S3 goes through ``pyarrow.fs`` (:func:`dfnet.storage.filesystem_for`: endpoint from
-AWS_ENDPOINT_URL, so S3-compatible stores work). Registered MLflow models (``models:/...``) are
-resolved to a local directory by ``tracking.registry`` first: this package imports no MLflow.
+Registered MLflow models (``models:/...``) are resolved to a local directory by
+``tracking.registry`` first, so this package imports no MLflow.
 """
 
 from __future__ import annotations

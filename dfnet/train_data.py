@@ -1,13 +1,8 @@
 """The training stream: batches of fresh crops and masks that mix many photos, read as a stream.
 
-A batch of crops from one photo would be fatal for DFNet: train-mode BatchNorm removes each
-batch's mean colour and brightness, so a network fed single-photo batches cannot see colours and
-learns one flat fill. Photos therefore come in a shuffled shard order and pass a shuffle buffer.
-
-:class:`TrainingCrops` is the per-photo transform (decode, ``crops_per_photo`` random crops, a
-pool mask cut at each crop's scale). Ray Data runs it in ``map_batches`` (``pipelines/train.py``);
-without Ray, :class:`CropStream` runs it over the same Parquet shards in DataLoader workers.
-Nothing holds a split: shards are read one row group at a time.
+Batches must mix photos: train-mode BatchNorm removes each batch's mean colour, so single-photo
+batches teach one flat fill. Hence a shuffled shard order and a shuffle buffer. Ray Data runs
+:class:`TrainingCrops` in ``pipelines/train.py``; without Ray, :class:`CropStream` does.
 """
 
 from __future__ import annotations
@@ -99,9 +94,8 @@ def shuffle_buffer_items(buffer_mb: float, size: int) -> int:
 class CropStream(IterableDataset):
     """The training split as a stream of single crops, for the plain loop's DataLoader.
 
-    Each (epoch, pass) reads the shards in an order seeded by ``(seed, epoch, pass)``; DataLoader
-    workers take every ``workers``-th shard; a seeded buffer of ``buffer_items`` crops shuffles
-    across photos. Memory: one row group and the buffer per worker.
+    Shard order is seeded per (epoch, pass), workers split the shards, and a seeded buffer
+    shuffles across photos; each worker holds one row group and its buffer.
     """
 
     def __init__(self, data_dir: str, transform: TrainingCrops, buffer_items: int, seed: int) -> None:
