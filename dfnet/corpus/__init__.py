@@ -1,20 +1,11 @@
 """The offline photo corpus: real photographs taken out of Debian packages, nothing installed.
 
-The bundled sample photos (about fifteen) are too few to teach inpainting; Debian's archive holds
-several hundred real photographs in packages of wallpapers, game art and demo data (see
-``/work/shared/docs/photo-corpus.md``). The corpus is built in four steps, a module each:
-
-- :mod:`~dfnet.corpus.selection`: which files of which package are photos
-  (:data:`DEFAULT_SELECTIONS`, checked by eye on contact sheets);
-- :mod:`~dfnet.corpus.archives`: ``apt-get download``, ``dpkg-deb`` and Qt ``.rcc`` bundles;
-- :mod:`~dfnet.corpus.licences`: each photo's licence from DEP-5 copyright files and READMEs;
-- :mod:`~dfnet.corpus.photos` and :mod:`~dfnet.corpus.build`: decode, de-duplicate and store
-  ``{out_dir}/photos/{package}/{name}.jpg`` with a manifest row naming package, path and licence.
-  Without apt it falls back, with one warning, to the sample photos of scikit-image/scikit-learn.
-
-Plain Python, Pillow and numpy (no Ray, no MLflow): ``pipelines/corpus.py`` is the DVC stage
-around :func:`build_corpus`. Same inputs give the same files and manifest: packages, files and
-duplicates are visited in sorted order, and JPEG encoding is deterministic for a Pillow build.
+The bundled sample photos are too few to teach inpainting; Debian's wallpaper, game-art and demo
+packages hold many real photographs (``/work/shared/docs/photo-corpus.md``). One module per step:
+:mod:`~dfnet.corpus.selection` (which files are photos), :mod:`~dfnet.corpus.archives`
+(download and unpack), :mod:`~dfnet.corpus.licences`, and :mod:`~dfnet.corpus.photos` with
+:mod:`~dfnet.corpus.build` (decode, de-duplicate, store with a manifest). Without apt it falls
+back to the sample photos. Everything is visited in sorted order, so the output is repeatable.
 """
 
 from dfnet.corpus.archives import (

@@ -37,15 +37,9 @@ class RccBundle:
 def read_rcc(data: bytes) -> RccBundle:
     """Unpack a Qt binary resource bundle (``rcc --binary`` output, format versions 1-3).
 
-    Layout (big-endian): ``"qres"``, version, tree offset, data offset, names offset (and, from
-    version 3, global flags). The tree is an array of 14-byte nodes (22 from version 2: a 64-bit
-    modification time follows): name offset, flags, then for a directory its child count and
-    first child index, for a file territory, language and data offset. A name is a 16-bit length,
-    a 32-bit hash and UTF-16BE text; a file's data is a 32-bit size and the bytes, which for
-    zlib-compressed entries start with the 4-byte big-endian uncompressed length (qCompress).
-    zstd-compressed entries (version 3) are listed in ``unsupported`` instead: no zstd here.
-
-    Raises ValueError for data that is not a readable bundle.
+    The layout is Qt's (big-endian header, a tree of fixed-size nodes, UTF-16BE names, payloads
+    with a size prefix; zlib entries carry qCompress's length prefix). zstd entries go to
+    ``unsupported``, as there is no zstd here. Raises ValueError for an unreadable bundle.
     """
     if len(data) < 20 or data[:4] != b"qres":
         raise ValueError("not a Qt resource bundle (no 'qres' magic)")
@@ -166,10 +160,10 @@ def _apt_download(packages: Sequence[str], folder: Path) -> subprocess.Completed
 def download_packages(packages: Sequence[str], download_dir: str | Path) -> DownloadResult:
     """``apt-get download`` every package whose ``.deb`` is not in ``download_dir`` yet.
 
-    Runs ``apt-get update`` once first when apt has no package lists and we are root. One call
-    downloads all missing packages (fast); if it fails, each package is tried alone so one bad
-    name does not lose the others. Nothing is installed.
+    One call fetches them all; if it fails, each package is tried alone so one bad name does not
+    lose the others. Runs ``apt-get update`` first when apt has no lists and we are root.
     """
+
     folder = Path(download_dir)
     folder.mkdir(parents=True, exist_ok=True)
     result = DownloadResult()

@@ -127,12 +127,11 @@ def build_corpus(
 ) -> dict[str, Any]:
     """Build the corpus described by ``params`` from ``selections``; returns the report.
 
-    ``debs`` (``package -> .deb path``) skips apt entirely, for tests and offline mirrors.
-    Otherwise the packages are downloaded into ``params.download_dir`` (kept, so a rerun
-    downloads nothing); without apt, or when every download fails, the bundled sample photos
-    are stored instead (:func:`build_sample_corpus`) after one warning. A package that fails on
-    its own is reported in ``failed_packages``; the others still make the corpus.
+    ``debs`` (``package -> .deb path``) skips apt, for tests and offline mirrors. Without apt, or
+    when every download fails, the sample photos are stored instead; a package that fails alone
+    is reported in ``failed_packages`` and the others still make the corpus.
     """
+
     started = time.monotonic()
     if params.source not in ("debian", "sample"):
         raise ValueError(f"corpus.source must be 'debian' or 'sample', got {params.source!r}")
