@@ -2,23 +2,14 @@
 
     python -m pipelines.evaluate [--params params.yaml]
 
-For every short side in `evaluate.sizes`, up to `evaluate.max_photos` test photos (evenly spaced
-over the split) are scaled to it, never cropped, and completed whole, the way users run the model
-(`dfnet.evaluation.evaluate_heldout`, the scoring that training validation and the Tune
-search use too). The methods: the trained DFNet, the shipped model it was fine-tuned from,
-the same architecture untrained (what training bought; with a pre-fill it returns exactly that
-pre-fill), and OpenCV's Telea and Navier–Stokes at radius 3. Completions are 8-bit images,
-as a user gets them.
+For every short side in `evaluate.sizes`, test photos are scaled to it and completed whole, the
+way users run the model, by the trained DFNet, the shipped model it was fine-tuned from, the
+untrained network (what training bought) and OpenCV's Telea and Navier–Stokes
+(`dfnet.evaluation.evaluate_heldout`, the scoring validation and the Tune search use too).
 
-Each photo is scored with one fixed mask, the bins cycling over the sorted photo keys, so every
-bin gets a fifth of the photos. With 24 photos at 256 and 512 px this takes about a minute of
-CPU (the two networks ~45%, scoring, mostly SSIM and BPE, ~35%, OpenCV ~20%; 80% of it at 512 px);
-every photo with every bin's mask would take five times as long. `bench/heldout.py --every-bin`
-does that, with radius 5 as well.
-
-Writes metrics/eval.json (`dvc metrics show`: {method: {size: {bin: {metric}}, "mean": {metric}},
-"settings": {...}}), metrics/eval_bins.csv (one row per size and bin), metrics/eval_metrics.png
-(each metric against the hole ratio) and metrics/eval_grid.png (example photos of every size),
+Each photo meets one bin's mask, the bins cycling over the photos: every photo with every mask
+multiplies the cost by the number of bins, which `bench/heldout.py --every-bin` pays instead.
+Writes metrics/eval.json (`dvc metrics show`), eval_bins.csv, eval_metrics.png and eval_grid.png,
 and prints one markdown table per size.
 """
 
