@@ -2,17 +2,11 @@
 
     python -m pipelines.train [--params params.yaml]
 
-A `TorchTrainer` runs the library's one training loop (`dfnet.training.train`) on
-`train.num_workers` workers (gloo on CPU, NCCL on GPU). The photos come from Ray Data: the
-training shards are read lazily (local or s3://) in a seeded file order, decoded, cropped and
-masked in CPU tasks on any node (`dfnet.train_data.TrainingCrops`), and each worker iterates its
-own share through a seeded shuffle buffer. Ray wraps the model in DDP, and at every epoch's end
-rank 0 reports a checkpoint (the loop's state) and the validation metrics to the run's storage
-(`train.storage_path`, local or s3://).
-The run is named after what determines the weights — parameters, code and data versions — so
-rerunning after a crash continues the last checkpoint while any change starts a new run. The
-finished model is written as a model directory to `train.out_dir`; curves and sample grids go
-to `metrics/`.
+A `TorchTrainer` runs the library's one training loop (`dfnet.training.train`) on its workers;
+Ray Data reads the shards lazily, crops and masks them in CPU tasks on any node, and each worker
+draws its share through a seeded shuffle buffer. Rank 0 checkpoints every epoch. The run is
+named after what determines the weights (parameters, code and data versions), so a rerun after
+a crash continues the last checkpoint while any change starts a new run.
 """
 
 from __future__ import annotations
@@ -86,7 +80,7 @@ def crop_dataset(params: Params, first_epoch: int = 0) -> ray.data.Dataset:
     photos = ray.data.read_parquet(
         f"{root}/train", filesystem=fs, shuffle=FileShuffleConfig(seed=seed)
     ).select_columns(["key", "image"])
-    # A few photos per task keep output blocks small (16 crops of 512² are 16 MB).
+    # A few photos per task keep output blocks small: each photo becomes many crops.
     return photos.map_batches(_crop_batch, fn_args=(crops, seed), batch_size=4, batch_format="numpy")
 
 
@@ -213,9 +207,8 @@ def build_trainer(params: Params, extra_config: dict[str, Any] | None = None) ->
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
             use_gpu=t.use_gpu,
-            # Workers hold no logical CPU (GPU ones take a GPU, Ray's default): CPU workers share the
-            # cores with Ray Data's decode tasks anyway, and any CPU they held could leave a node
-            # no whole CPU for a data task (both workers on one node after a failure).
+            # CPU workers hold no logical CPU: they share the cores with the decode tasks anyway, and
+            # a held CPU could leave a node none for a data task (both workers on one node).
             resources_per_worker=None if t.use_gpu else {"memory": WORKER_MEMORY},
             # One worker per node while there are nodes enough; after a node dies, the restarted
             # group fits on the nodes left (tests/test_multinode.py).

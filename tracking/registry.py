@@ -1,11 +1,9 @@
 """DFNet models in the MLflow Model Registry.
 
-A registered version is an MLflow pyfunc whose artifact is the model directory
-(config.json + model.safetensors), so both styles work:
-`mlflow.pyfunc.load_model("models:/dfnet@champion").predict({"image": ..., "mask": ...})` and
-`download_registered_model("models:/dfnet@champion")` → a directory for `Inpainter`/`DFNet`.
-Each version carries its evaluation metric as a tag; the alias moves only to a better one, in the
-metric's own direction (`dfnet.evaluation.better`: lower l1/BPE, higher PSNR/SSIM).
+A registered version is an MLflow pyfunc whose artifact is the model directory, so it loads
+either through `mlflow.pyfunc.load_model` or as a directory (`download_registered_model`). Each
+version carries its evaluation metric as a tag; the alias moves only to a better one
+(`dfnet.evaluation.better`).
 """
 
 from __future__ import annotations
@@ -121,7 +119,7 @@ def register_model(
             name="model",
             python_model=DFNetPyfunc(),
             artifacts={ARTIFACT_KEY: str(model_dir)},
-            # Named, not inferred: MLflow's inference loads the model in a subprocess (a minute).
+            # Named, not inferred: MLflow's inference loads the model in a slow subprocess.
             pip_requirements=["dfnet", f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
         )
         mlflow.log_metric(f"registered_{metric}", value)
