@@ -2,19 +2,11 @@
 
     python -m pipelines.corpus --params params.yaml
 
-Downloads the packages of :data:`dfnet.corpus.DEFAULT_SELECTIONS` into ``corpus.download_dir``
-(``apt-get download``; kept, so a rerun downloads nothing), unpacks them with ``dpkg-deb`` and
-writes, from the explicitly selected photographs only,
-
-- ``{corpus.out_dir}/photos/{package}/{name}.jpg``: oriented, RGB, short side at most
-  ``corpus.max_short_side``, JPEG quality 95, duplicates removed (the folder source for
-  ``data.source``),
-- ``{corpus.out_dir}/copyright/{package}``: each package's copyright file,
-- ``{corpus.out_dir}/report.json``: photos and skipped files per package, download size, time,
-- ``corpus.manifest`` (TSV): key, package, version, path inside the package, licence, size, sha256.
-
-Without apt (or when no package can be downloaded) it warns once and stores the sample photos
-bundled with scikit-image and scikit-learn instead.
+Downloads the packages of :data:`dfnet.corpus.DEFAULT_SELECTIONS` (kept, so a rerun downloads
+nothing) and writes their selected photographs, oriented, downscaled and de-duplicated, under
+``{corpus.out_dir}/photos`` (a folder source for ``data.source``), with each package's copyright
+file, ``report.json`` and the ``corpus.manifest`` TSV. Without apt it warns once and stores the
+bundled sample photos instead.
 """
 
 from __future__ import annotations

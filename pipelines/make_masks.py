@@ -2,14 +2,10 @@
 
     python -m pipelines.make_masks --params params.yaml
 
-Writes ``masks.out`` (a bit-packed ``.npz`` read by :func:`dfnet.masks.load_masks`) holding
-
-``pool``: ``(pool_size, S, S)`` free-form training masks (augmented on the fly at training time
-by :func:`dfnet.data.training_mask`, which cuts each at its crop's scale), with ``S = masks.size``
-(drawn like a whole photo's masks at that short side) and 1 = known, 0 = hole.
-Evaluation draws its own masks at each held-out photo's size (:mod:`dfnet.evaluation`).
-Beside it: ``masks_summary.json`` (hole ratio statistics) and ``masks_preview.png`` (a grid to
-look at: white = known, black = hole).
+Writes ``masks.out``, a bit-packed ``.npz`` whose ``pool`` holds ``masks.size``² free-form masks
+drawn like a whole photo's; :func:`dfnet.data.training_mask` augments them and cuts each at its
+crop's scale. Beside it: ``masks_summary.json`` (hole ratios) and ``masks_preview.png``.
+Evaluation draws its own masks at each photo's size (:mod:`dfnet.evaluation`).
 """
 
 from __future__ import annotations

@@ -2,23 +2,14 @@
 
     python -m pipelines.prepare --params params.yaml
 
-``data.source`` is a local folder (recursively; image extensions only, hidden names skipped, by
-default the corpus stage's photos), ``s3://bucket/prefix`` (endpoint from ``AWS_ENDPOINT_URL``)
-or ``sample`` (the photos bundled with scikit-image / scikit-learn). Each file becomes one row
-(:class:`dfnet.data.PhotoSource`): EXIF-oriented RGB scaled to ``store_short_side`` on the short
-side (never up), stored as JPEG, in the split given by a hash of its key (quotas for the sample
-photos), so adding photos never moves others between splits. Unreadable files are skipped,
-counted and listed in the report; they never fail the stage.
+``data.source`` is a local folder, ``s3://bucket/prefix`` or ``sample``. Each file becomes one
+row (:class:`dfnet.data.PhotoSource`) in the split a hash of its key gives, so adding photos
+never moves others between splits; unreadable files are skipped and reported, never fatal.
 
-It streams, with nothing global: the source is walked one folder at a time, and each run of
-``listing_chunk`` files is split by key into shards of ``shard_rows`` photos that Ray Data tasks
-read, encode and write on any node. The driver keeps one chunk of paths and the report's counts.
-Shards are numbered in walk order (folders and files by name), so a rerun over the same files
-writes the same shards; rows are in key order inside a shard.
-
-Output: ``{out_dir}/{train,val,test}/part-NNNNNN.parquet`` (schema
-:data:`dfnet.storage.PARQUET_SCHEMA`) and ``{out_dir}/report.json``; ``out_dir`` may be an
-``s3://`` URI. On a multi-node cluster a local folder source must be reachable from every node.
+It streams: the source is walked one folder at a time and each chunk of files becomes shards
+that Ray Data tasks write on any node, so the driver holds one chunk of paths. Shards are
+numbered in walk order, so a rerun over the same files writes the same shards. Output:
+``{out_dir}/{split}/part-NNNNNN.parquet`` and ``{out_dir}/report.json``.
 """
 
 from __future__ import annotations

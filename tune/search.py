@@ -3,29 +3,15 @@
     python tune/search.py [--smoke] [--name NAME]
     ray job submit --working-dir . -- python tune/search.py [--smoke]    # on a `ray start` cluster
 
-Settings come from two files: tune/search_space.yaml (the space, trials, concurrency, ASHA; with
-`--smoke` its `smoke` section is merged over the rest) and params.yaml (what every trial trains).
+The space, trial counts and ASHA come from tune/search_space.yaml (`--smoke` merges its `smoke`
+section), what each trial trains from params.yaml. Optuna's TPE proposes points, starting from
+params.yaml's own, and ASHA stops poor trials on `val_<register.metric>`. The best trial's best
+checkpoint is scored on the evaluate stage's test pairs and registered; the alias moves only if
+it beats the champion. Rerunning the same command resumes; a new `--name` starts over.
 
-* A trial runs `pipelines.train.build_trainer(params).fit()` (Ray Train inside Tune); Ray's
-  `TuneReportCallback` forwards each epoch's validation metrics to Tune, where Optuna's TPE
-  proposes the points (the first one params.yaml's own values) and ASHA stops poor trials.
-* The metric is `val_<register.metric>` (val BPE by default, lower is better): the registry's
-  metric, measured on the validation photos after every epoch.
-* Each trial's Train run keeps its best checkpoint by that metric (`CheckpointConfig` scoring)
-  beside its latest one, which a restored trial continues from.
-* MLflow: one parent run per search with the settings, `tune_results.csv`
-  (`ResultGrid.get_dataframe()`) and `tune_results.png`; every trial's Train run is a child run.
-  The best trial's best checkpoint is scored on the `evaluate` stage's fixed test pairs and
-  registered as `register.model_name`; `register.alias` moves to it only if it beats the holder.
-* Rerunning the same command resumes the search (`Tuner.restore`): finished trials are kept,
-  unfinished ones continue their Train run from its last checkpoint. A new `--name` starts over.
-
-The project root. A Ray job runs in an uploaded copy of the working directory, and Ray leaves out
-what .gitignore lists: the DVC outputs (data/), runs/ and mlflow.db. So the root is the current
-directory when params.yaml's `data.out_dir` is there (or a URI), else the checkout that the
-`dfnet` distribution is installed from in editable mode (PEP 610 `direct_url.json`): the project
-whose virtualenv `ray start` ran from. Results go to `<root>/<train.storage_path>/<name>/` and to
-the root's MLflow store (params.yaml's `mlflow.tracking_uri`; MLFLOW_TRACKING_URI wins).
+A Ray job runs in an uploaded copy without the .gitignored data, runs and MLflow store, so the
+project root is the current directory when it holds `data.out_dir`, else the editable install's
+checkout: the project whose virtualenv `ray start` ran from.
 """
 
 from __future__ import annotations
