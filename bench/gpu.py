@@ -1,23 +1,12 @@
 """GPU figures in one short run: every inference path, and the training step with AMP.
 
-    python bench/gpu.py [--models official shipped] [--size 512] [--batches 1 16] [--repeats 20]
-                        [--train-batch 8] [--train-size 256] [--json gpu.json]
+    python bench/gpu.py [--models official shipped] [--size N] [--batches N ...] [--json gpu.json]
 
-Needs PyTorch with CUDA, OpenCV and this project (no Ray, no ONNX). On a machine without CUDA it
-prints "skipped: ..." and exits with status 77 (the usual "skipped" code of test drivers), having
-measured nothing; with --json it writes {"skipped": reason} there.
-
-Inference: each path of `dfnet.accelerate` that runs on a GPU, at size², batch 1 and 16, timed
-round-robin (the order rotating each round) after a warm-up that compiles the compiled paths;
-ms/image is the median, with its ratio to `fp32` (the plain eager model, `DFNet.complete`) in the
-same run, and the largest difference from fp32's output in 8-bit levels. `official` is the
-paper's network with random weights (speed only); `shipped` the pretrained model, whose OpenCV
-pre-fill runs on the CPU on every path. Inputs are synthetic (smooth noise, a hole of ~25 %):
-speed does not depend on the content.
-
-Training: the project's own training step (`dfnet.training`) for the official preset with AMP
-(bf16 where the GPU has it, else fp16 with loss scaling) and without, the paper's losses (VGG16
-with random weights: the same work as the ImageNet one), images/s as the median of timed steps.
+Without CUDA it measures nothing and exits with the test drivers' "skipped" status.
+Inference: each GPU path of `dfnet.accelerate`, timed round-robin after a warm-up that compiles,
+as the median per image beside plain fp32 in the same run and its largest output difference.
+Inputs are synthetic, as speed does not depend on the content. Training: the official preset's
+step with and without AMP, the paper's losses on a random VGG16 (the same work as ImageNet's).
 """
 
 from __future__ import annotations

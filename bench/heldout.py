@@ -2,17 +2,11 @@
 
     python bench/heldout.py [--params params.yaml] [--model DIR] [--every-bin] [--out DIR]
 
-Scores `--model` (default `train.out_dir`), the same architecture untrained, and OpenCV's Telea
-and Navier–Stokes at radius 3 and 5 on the held-out test photos at every `evaluate.sizes` short
-side, with the evaluate stage's own pairs and scores (dfnet.evaluation.evaluate_heldout),
-so a number here means what the stage's number means. `--every-bin` scores each photo with every
-bin's mask instead of the stage's one bin per photo: five times the work, five times the pairs.
-
-Prints the per-size, per-bin table with the CPU and torch version it ran on, and the goal check:
-in which (size, bin ≥ 20 %, metric) cells the model is below every other method of the run
-(OpenCV at each radius, the untrained network, which with a pre-fill *is* the pre-fill, and the
-shipped model when `--model` is another one). `--out DIR` also writes DIR/heldout.md, the
-comparison grid DIR/heldout_grid.png and the model's alpha maps DIR/heldout_alphas.png.
+Scores the model, the untrained network and OpenCV at each of `OPENCV_RADII` with the evaluate
+stage's own pairs and scores (dfnet.evaluation.evaluate_heldout), so a number here means what
+the stage's number means; `--every-bin` gives every photo every bin's mask. Prints the tables and
+the goal check: the large-hole cells where the model beats every other method of the run.
+`--out DIR` also writes heldout.md, the comparison grid and the model's alpha maps there.
 """
 
 from __future__ import annotations

@@ -1,16 +1,11 @@
 """Quality evidence for DFNet: its ablations and classical baselines, trained on equal budgets.
 
-    python bench/quality.py [--params params.yaml] [--recipe R] [--epochs E] [--crops-per-photo C] [--seeds 3]
-                            [--max-photos N] [--model NAME=DIR ...] [--device cpu|cuda]
-                            [--threads N] [--out docs/results.md]
+    python bench/quality.py [--params params.yaml] [--recipe R] [--seeds N] [--model NAME=DIR ...] [--out FILE]
 
-Each variant (DFNet, one fusion block, hard composition, plain U-Net: each changes one thing from
-`dfnet`) is trained per seed by the project's one loop, `dfnet.training.train`, with params.yaml's
-settings for `--epochs` × `--crops-per-photo`. The models, OpenCV Telea / Navier–Stokes and any
-`--model` are scored on whole held-out test photos at every `evaluate.sizes` short side by the
-evaluate stage's scoring; `--out` gets mean ± spread over seeds and where the paper's claims hold,
-the folder beside it the figures and `quality.json`. Data: `data.out_dir` when prepared, else the
-sample photos prepared in a temporary folder.
+Each variant changes one thing from `dfnet` (one fusion block, hard composition, plain U-Net) and
+is trained per seed by the project's one loop; the variants, OpenCV and any `--model` are scored
+by the evaluate stage's scoring. `--out` gets mean ± spread over seeds and where the paper's
+claims hold; the folder beside it the figures and `quality.json`.
 """
 
 from __future__ import annotations

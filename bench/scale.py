@@ -1,21 +1,13 @@
 """Scale: the pipeline's stages at N and 10·N photos, and the training data path's throughput.
 
-    python bench/scale.py [--photos 2000] [--factor 10] [--doc docs/performance.md] [--no-s3]
+    python bench/scale.py [--photos N] [--factor F] [--doc docs/performance.md] [--no-s3]
 
-Seeded synthetic photos (textured 512 px JPEGs of tens of KB) are written to a scratch folder;
-then, as users run them (`python -m pipelines.<stage> --params ...`, each its own process with
-its own local Ray), at N and at factor·N photos:
-
-- prepare from the folder, and from the loopback S3 server (moto) at factor·N: tens of
-  thousands of objects under one prefix;
-- train: one epoch of a fixed number of steps, Ray Data feeding Ray Train.
-
-Each prints its wall time, photos/s and the peak RSS of its largest process and of its whole
-process tree (Ray's GCS, raylet and workers included), sampled every 0.1 s. Then the data path
-alone: crops/s on one core for 256² and 512² crops; the plain stream's RSS growth beside its
-shuffle buffer; and the share of step time spent waiting for data when training on the embedded
-default (data/prepared, if `dvc repro` has prepared it). No assertions: the goals are printed
-beside the figures. `--doc` writes the table into docs/performance.md under "Scale".
+On seeded synthetic photos, runs the prepare stage (from a folder, and from a loopback S3 server
+at F·N) and a short train stage at N and F·N photos, each as users run it, in its own process
+with its own Ray, recording wall time and peak memory of the whole process tree. Then the data
+path alone: crops per second on one core, the plain stream's memory beside its shuffle buffer,
+and the data-wait share on the embedded default when it is prepared. The goals are printed
+beside the figures; `--doc` writes them into docs/performance.md under "Scale".
 """
 
 from __future__ import annotations
@@ -43,7 +35,7 @@ GOAL_RSS_RATIO, GOAL_CROPS_PER_CORE, GOAL_DATA_WAIT = 1.25, 100.0, 0.10
 
 
 def synthetic_photo(seed: int, side: int = 512) -> bytes:
-    """A textured photo-like JPEG: smooth gradients, blobs and fine grain (tens of KB at 512 px)."""
+    """A photo-like JPEG: smooth gradients, blobs, and grain that JPEG cannot compress away."""
     from dfnet.data import encode_jpeg
 
     rng = np.random.default_rng(seed)
@@ -86,9 +78,9 @@ def make_corpus(folder: Path, count: int, processes: int) -> float:
 
 
 class PeakRSS:
-    """Samples a process and its descendants every 0.1 s: peak RSS of the tree (sum) and of its
-    largest process, and the tree's peak PSS. RSS counts the pages of Ray's shared object store
-    in every process that touched them; PSS shares them out, so its sum is what the tree holds."""
+    """Samples a process and its descendants: peak RSS of the tree (sum) and of its largest
+    process, and the tree's peak PSS. RSS counts the pages of Ray's shared object store in every
+    process that touched them; PSS shares them out, so its sum is what the tree holds."""
 
     def __init__(self, pid: int) -> None:
         self.root, self.tree, self.largest, self.largest_name = psutil.Process(pid), 0, 0, ""

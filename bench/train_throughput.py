@@ -1,24 +1,12 @@
 """Training throughput: the project's training loop in this process against the same loop in Ray Train.
 
-    python bench/train_throughput.py [--params params.yaml] [--steps 60] [--warmup 10]
-                                     [--workers 1 2] [--device cpu|cuda] [--threads N] [--json out.json]
+    python bench/train_throughput.py [--params params.yaml] [--workers N ...] [--json out.json]
 
-Every setup calls `dfnet.training.train` with the same params (params.yaml's model, loss, crop
-size and batch per worker) on the same prepared data (`data.out_dir` when it is prepared, else the
-sample photos prepared into a temporary folder), for one epoch of enough crops per photo that each
-worker runs `--warmup` + `--steps` steps.
-
-- plain: `train()` in this process with the threads one Ray Train worker computes with
-  (`threads_per_worker` of `build_trainer`). It runs before and after the Ray runs and its windows
-  are pooled, so a load change on a shared machine shows on both sides.
-- ray: `pipelines.train.build_trainer(params).fit()` for each `--workers` count, MLflow off, a
-  fresh run each.
-
-Rates come from the loop's own history: every 10 steps it records the images per second since the
-epoch began, so consecutive records give each window's rate (images of all workers); windows that
-start within `--warmup` steps are dropped, and start-up, BatchNorm recalibration, validation and
-checkpoints fall outside every window. The table shows each setup's median window rate and its
-ratio to the plain loop. No assertions: a measurement on a possibly shared machine.
+Both setups run `dfnet.training.train` with the same params and data for one epoch of
+`--warmup` + `--steps` steps per worker: in this process with one Ray worker's threads (before
+and after the Ray runs, so a load change shows on both sides), and as the pipeline's
+TorchTrainer for each `--workers` count. Rates are the median of the windows between the loop's
+own history records after the warm-up, so start-up, validation and checkpoints fall outside.
 """
 
 from __future__ import annotations
