@@ -2,15 +2,11 @@
 
     python -m pipelines.evaluate [--params params.yaml]
 
-For every short side in `evaluate.sizes`, test photos are scaled to it and completed whole, the
-way users run the model, by the trained DFNet, the shipped model it was fine-tuned from, the
-untrained network (what training bought) and OpenCV's Telea and Navier–Stokes
-(`dfnet.evaluation.evaluate_heldout`, the scoring validation and the Tune search use too).
-
-Each photo meets one bin's mask, the bins cycling over the photos: every photo with every mask
-multiplies the cost by the number of bins, which `bench/heldout.py --every-bin` pays instead.
-Writes metrics/eval.json (`dvc metrics show`), eval_bins.csv, eval_metrics.png and eval_grid.png,
-and prints one markdown table per size.
+At every `evaluate.sizes` short side, the trained DFNet, the shipped model it started from, the
+untrained network (what training bought) and OpenCV complete whole test photos, as users run
+them (`dfnet.evaluation.evaluate_heldout`). Each photo meets one bin's mask, as every mask would
+multiply the cost by the number of bins (`bench/heldout.py --every-bin` pays that). Writes
+metrics/eval.json, eval_bins.csv and two figures, and prints one table per size.
 """
 
 from __future__ import annotations
