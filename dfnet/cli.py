@@ -146,8 +146,8 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     model, _ = load_model(args.model_dir)
     export_onnx(model, args.out)
     config = model.config
-    prefill = "no pre-fill"
-    if config.prefill != "none":
+    prefill = "no pre-fill" if config.prefill == "none" else "the pre-fill is in the graph"
+    if config.opencv_prefill:
         flag = f"cv2.INPAINT_{config.prefill.upper()}"
         prefill = f"holes pre-filled by the caller: cv2.inpaint(image, hole, {config.prefill_radius}, {flag})"
     print(

@@ -83,10 +83,10 @@ class _Completion(nn.Module):
         for i, block in enumerate(folded.decoder):
             folded.decoder[i] = _PlainDecoder(block, channels[i + 1])
         self.model = folded
-        self.prefilled = folded.config.prefill != "none"
+        self.prefilled = folded.config.opencv_prefill
 
     def forward(self, image: Tensor, mask: Tensor) -> Tensor:
-        filled = image if self.prefilled else image * mask
+        filled = image if self.prefilled else image * mask  # a pyramid pre-fill is in forward_filled
         finest = self.model.forward_filled(filled, mask).results[0]
         return image * mask + finest * (1.0 - mask)
 
@@ -98,7 +98,7 @@ def onnx_metadata(model: DFNet) -> dict[str, str]:
         "dfnet_size_multiple": str(config.size_multiple),
         "dfnet_prefill": config.prefill,
         "dfnet_prefill_radius": str(config.prefill_radius),
-        "dfnet_inputs": "image: N3HW float32 RGB in [0,1] (holes pre-filled when dfnet_prefill is not 'none'); "
+        "dfnet_inputs": "image: N3HW float32 RGB in [0,1] (holes pre-filled by OpenCV when dfnet_prefill is ns or telea); "
         "mask: N1HW float32, 1 = known, 0 = hole",
     }
 

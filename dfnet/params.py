@@ -22,7 +22,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 FusionMode = Literal["blend", "hard", "none"]
-Prefill = Literal["none", "ns", "telea"]
+Prefill = Literal["none", "pyramid", "ns", "telea"]
 
 
 @dataclass
@@ -63,7 +63,7 @@ class ModelParams:
     fusion: FusionMode
     fusion_levels: int | None  # None = the preset's (ablation: 1 = a single fusion block)
     alpha_init: float | None  # None = PyTorch's default init (the paper); e.g. 0.95: α starts near 1
-    prefill: Prefill  # ns | telea: holes pre-filled, C_k corrects the fill | none: the paper
+    prefill: Prefill  # pyramid | ns | telea: holes pre-filled, C_k corrects the fill | none: the paper
 
 
 @dataclass

@@ -65,14 +65,15 @@ def make_optimizer(
 
 def load_initial_weights(model: DFNet, source: str) -> None:
     """Copy the weights of model directory `source` ("pretrained": the shipped model) into
-    `model`, whose architecture must be the same (the configs are compared field by field)."""
+    `model`, whose architecture must be the same (the configs are compared field by field). The
+    pre-fill may differ: it has no weights, and a model can be fine-tuned onto another one."""
     start = DFNet.from_pretrained(source)
-    if start.config != model.config:
-        differences = [
-            f"{name}: {getattr(start.config, name)!r} in {source}, {getattr(model.config, name)!r} here"
-            for name in start.config.to_dict()
-            if getattr(start.config, name) != getattr(model.config, name)
-        ]
+    differences = [
+        f"{name}: {getattr(start.config, name)!r} in {source}, {getattr(model.config, name)!r} here"
+        for name in start.config.to_dict()
+        if name not in ("prefill", "prefill_radius") and getattr(start.config, name) != getattr(model.config, name)
+    ]
+    if differences:
         raise ValueError(f"train.init_from={source!r} is another architecture: " + "; ".join(differences))
     model.load_state_dict(start.state_dict())
 

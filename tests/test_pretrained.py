@@ -14,7 +14,7 @@ from PIL import Image
 from dfnet.accelerate import INFERENCE_PATHS, choose_path
 from dfnet.cli import main as cli_main
 from dfnet.inpaint import Inpainter
-from dfnet.model import DFNet, DFNetConfig, build_model, classical_prefill
+from dfnet.model import DFNet, DFNetConfig, build_model, classical_prefill, pyramid_prefill
 from dfnet.params import load_params
 from dfnet.pretrained import pretrained_dir
 from dfnet.training import load_initial_weights
@@ -53,6 +53,30 @@ def test_classical_prefill_keeps_known_pixels_and_fills_holes() -> None:
     hole = filled[:, :, 8:20, 10:30]
     # Around the mean of the uniform noise it is filled from (not zeros), and smoother than it.
     assert abs(hole.mean().item() - 0.5) < 0.05 and hole.std().item() < 0.5 * image.std().item()
+
+
+def test_pyramid_prefill_keeps_known_pixels_and_continues_smooth_content() -> None:
+    rows, cols = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 96), indexing="ij")
+    ramp = torch.stack([cols, rows, 0.5 * (rows + cols)])[None].repeat(2, 1, 1, 1)
+    mask = torch.ones(2, 1, 64, 96)
+    mask[0, :, 10:40, 20:70] = 0
+    mask[1, :, 30:60, 5:35] = 0
+    filled = pyramid_prefill(ramp, mask)
+    assert torch.equal(filled * mask, ramp * mask)
+    hole = mask < 0.5
+    # Near the ramp it was never shown (zeros in the hole would be ~0.5 off), and inside its range.
+    assert (filled - ramp).abs()[hole.expand_as(ramp)].mean() < 0.06
+    assert filled.min() >= 0 and filled.max() <= 1
+    flat = torch.full_like(ramp, 0.3)
+    assert torch.allclose(pyramid_prefill(flat, mask), flat, atol=1e-6)
+
+
+def test_an_untrained_pyramid_model_returns_exactly_its_prefill() -> None:
+    model = build_model("small", prefill="pyramid").eval()
+    image = torch.rand(2, 3, 128, 192)
+    mask = torch.from_numpy(1 - _stroke_hole(128, 192)).float()[None, None].repeat(2, 1, 1, 1)
+    expected = pyramid_prefill(image * mask, mask)
+    torch.testing.assert_close(model.complete(image, mask), expected, atol=2e-4, rtol=0)
 
 
 def test_a_batch_prefill_is_each_image_filled_on_its_own() -> None:
@@ -97,6 +121,15 @@ def test_the_default_pipeline_fine_tunes_the_shipped_model() -> None:
     load_initial_weights(model, params.train.init_from)  # same architecture, or it raises
     shipped_state = DFNet.from_pretrained("pretrained").state_dict()
     assert all(torch.equal(v, shipped_state[k]) for k, v in model.state_dict().items())
+
+
+def test_initial_weights_may_come_from_a_model_with_another_prefill(tmp_path: Path) -> None:
+    """The pre-fill has no weights: recipes/pyramid.yaml fine-tunes a Navier–Stokes model onto it."""
+    source = build_model("small", prefill="ns")
+    source.save_pretrained(tmp_path / "ns")
+    model = build_model("small", prefill="pyramid")
+    load_initial_weights(model, str(tmp_path / "ns"))
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
 
 
 def test_initial_weights_of_another_architecture_are_refused(tmp_path: Path) -> None:
