@@ -98,7 +98,7 @@ def onnx_metadata(model: DFNet) -> dict[str, str]:
         "dfnet_size_multiple": str(config.size_multiple),
         "dfnet_prefill": config.prefill,
         "dfnet_prefill_radius": str(config.prefill_radius),
-        "dfnet_inputs": "image: N3HW float32 RGB in [0,1] (holes pre-filled by OpenCV when dfnet_prefill is ns or telea); "
+        "dfnet_inputs": "image: N3HW float32 RGB in [0,1] (holes pre-filled by OpenCV if dfnet_prefill is ns, telea); "
         "mask: N1HW float32, 1 = known, 0 = hole",
     }
 
