@@ -194,7 +194,7 @@ def bench_model(
                 shift = round_index % len(paths)
                 for path in paths[shift:] + paths[:shift]:
                     times[path].append(timed(runners[path], image, mask))
-                if model.config.prefill != "none":
+                if model.config.opencv_prefill:
                     start = time.perf_counter()
                     model.fill_holes(image, mask)
                     prefill.append(time.perf_counter() - start)

@@ -85,6 +85,7 @@ class PeakRSS:
     def __init__(self, pid: int) -> None:
         self.root, self.tree, self.largest, self.largest_name = psutil.Process(pid), 0, 0, ""
         self.tree_pss = 0
+        self.at_peak: dict[str, list[int]] = {}  # process name → [count, RSS] when the tree peaked
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -95,16 +96,22 @@ class PeakRSS:
             except psutil.NoSuchProcess:
                 return
             total = total_pss = 0
+            by_name: dict[str, list[int]] = {}
             for process in processes:
                 try:
-                    memory = process.memory_full_info()
+                    memory, name = process.memory_full_info(), process.name()
                 except psutil.Error:
                     continue
                 total += memory.rss
                 total_pss += memory.pss
+                count_rss = by_name.setdefault(name, [0, 0])
+                count_rss[0] += 1
+                count_rss[1] += memory.rss
                 if memory.rss > self.largest:
-                    self.largest, self.largest_name = memory.rss, process.name()
-            self.tree, self.tree_pss = max(self.tree, total), max(self.tree_pss, total_pss)
+                    self.largest, self.largest_name = memory.rss, name
+            if total > self.tree:
+                self.tree, self.at_peak = total, by_name
+            self.tree_pss = max(self.tree_pss, total_pss)
             self._stop.wait(0.1)
 
     def __enter__(self) -> PeakRSS:
@@ -127,7 +134,9 @@ def run_stage(stage: str, params_file: Path, env: dict[str, str], log: Path) -> 
     if code:
         raise RuntimeError(f"{stage} failed (exit {code}); see {log}")
     return {"seconds": time.perf_counter() - start, "tree_mb": peak.tree / 2**20, "tree_pss_mb": peak.tree_pss / 2**20,
-            "largest_mb": peak.largest / 2**20, "largest": peak.largest_name}  # fmt: skip
+            "largest_mb": peak.largest / 2**20, "largest": peak.largest_name,
+            "at_peak": {name: f"{n} × {rss / n / 2**20:.0f} MB" for name, (n, rss) in
+                        sorted(peak.at_peak.items(), key=lambda item: -item[1][1])}}  # fmt: skip
 
 
 def stage_params(work: Path, source: str, tag: str) -> Path:

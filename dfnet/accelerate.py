@@ -17,15 +17,10 @@ compiled paths); then
 * ``onnxruntime-int8``  the same graph with its convolutions statically quantised to int8 by
                     ONNX Runtime's tools, calibrated like ``int8`` (needs ``dfnet[onnx]``)
 
-``path="auto"`` (the default) chooses from what it detects, and logs the choice and why:
-``compile-bf16`` with native bf16, else ``onnxruntime-int8`` on AVX-512 VNNI CPUs with ONNX
-Runtime installed, else ``int8`` (x86 with torchao installed), else ``compile``,
-and ``eager`` when no C++ compiler is installed (inductor needs one on the CPU). The classical
-pre-fill (OpenCV) always runs eagerly before the network: only `DFNet.forward_filled` is compiled
-or quantised.
-
-The caller's model is never touched: the runner works on a deep copy. What each path costs and
-how far it moves the output are measured by ``bench/inference.py`` (docs/performance.md).
+``path="auto"`` (the default) picks one for the machine (`choose_path`) and logs why. OpenCV's
+pre-fills (ns, telea) run eagerly before the network; the pyramid pre-fill is part of
+`DFNet.forward_filled`, which is what each path compiles, quantises or exports. The caller's model
+is never touched: the runner works on a deep copy. `bench/inference.py` measures every path.
 """
 
 from __future__ import annotations
@@ -183,13 +178,9 @@ def int8_available(device: torch.device) -> bool:
 def choose_path(device: str | torch.device = "cpu") -> tuple[InferencePath, str]:
     """The fastest validated path for `device` on this machine, and the reason for it.
 
-    GPU: bf16 where supported, else fp32, compiled. CPU: bf16 where native (AVX512-BF16, AMX);
-    otherwise ONNX Runtime int8 on AVX-512 VNNI CPUs when dfnet[onnx] is installed (measured faster
-    than every torch path there, within quality; no compiler needed); else int8 when torchao is
-    installed (validated within 1 % of fp32 on held-out photos, docs/performance.md), else compiled
-    fp32; eager when inductor has no C++ compiler. Where bf16 is native, `int8` and `int8-bf16`
-    are faster still for large networks (the official preset) but are not chosen: exporting and
-    calibrating lengthen every start, and small networks (the shipped model) gain little.
+    The order follows bench/inference.py: compiled bf16 where bf16 is native (GPUs, AVX512-BF16,
+    AMX); ONNX Runtime int8 on VNNI CPUs without it; torch int8 with torchao; compiled fp32; eager
+    without a C++ compiler. The int8 paths' longer start-up keeps them out where bf16 is native.
     """
     device = torch.device(device)
     where = "the GPU" if device.type == "cuda" else f"this CPU ({torch.backends.cpu.get_cpu_capability()})"

@@ -51,9 +51,9 @@ def _pairs(image: Path, mask: Path, out: Path) -> list[tuple[Path, Path, Path]]:
     return triples
 
 
-# What compiling one image size costs on a 2-core CPU with an empty compile cache (20–40 s,
-# docs/performance.md), and the share of each later image's time it then saves over the path's
-# eager fallback: 21 % for the shipped model, 47 % for the official one (512², Zen 5).
+# Rough planning figures from bench/inference.py's "first call" and ms/image columns: what compiling
+# one image size costs on a small CPU with an empty cache, and the share of a later image's time
+# it saves over the path's eager fallback.
 COMPILE_SECONDS = 30.0
 COMPILED_SAVING = 0.25
 

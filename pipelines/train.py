@@ -46,6 +46,8 @@ PROGRESS_FILE = "progress.json"  # the checkpoint's epoch and step, read without
 
 
 def _start_mlflow(config: dict[str, Any], params: Params, run_id: str | None) -> Any:
+    # Not ray.air.integrations.mlflow.setup_mlflow: it always starts a new MLflow run, and a run
+    # resumed from its checkpoint must go on logging into the run it started.
     import mlflow
 
     mlflow.set_tracking_uri(config["tracking_uri"])
