@@ -5,6 +5,7 @@
                                [--max-batch-size 8] [--batch-wait-s 0.02] [--ray-env serve/ray.env]
                                [--json out.json]
                                [--doc docs/performance.md | --doc '']
+    python bench/serve_load.py --compare CHECKOUT [CHECKOUT ...] [--repeats 2] [the options above]
 
 For each preset the raw `Inpainter` is loaded in this process by the very function a replica's
 model process uses (`serve.app.load_inpainter`, same inference path, same warm-up shapes) and timed
@@ -21,6 +22,11 @@ machine was: on a small machine that shares its cores with the load generator, t
 CPU limits served throughput, not the model. `shipped` is the model in dfnet/pretrained (small + NS
 pre-fill); `official` has random weights (speed only). The results go to stdout and between the
 serve_load markers of --doc. No assertions.
+
+--compare runs the bench of each named checkout (a git worktree of another design of serve/, say)
+in turn, each on a Ray of its own, --repeats times (A B A B), and tabulates served / raw per run
+and cell and the medians: two designs measured in one run, their drift in a shared machine's load
+alternated.
 """
 
 import argparse
@@ -28,6 +34,8 @@ import asyncio
 import json
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -71,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--doc", default=str(ROOT / "docs" / "performance.md"), help="'' = do not write")
+    parser.add_argument("--compare", nargs="+", metavar="CHECKOUT", help="run each checkout's bench in turn")
+    parser.add_argument("--repeats", type=int, default=2, help="with --compare: runs of each checkout")
     return parser.parse_args(argv)
 
 
@@ -282,11 +292,55 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PASSED_ON = ("presets", "sizes", "requests", "clients", "rounds", "threads", "inference", "ray_env")
+
+
+def compare(args: argparse.Namespace) -> list[tuple[str, int, str, int, float, float]]:
+    """Each checkout's own bench, in turn, --repeats times: (checkout, run, preset, size, raw,
+    served) per run and cell."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="dfnet-compare-") as tmp:
+        for repeat, checkout in ((r, Path(c).resolve()) for r in range(args.repeats) for c in args.compare):
+            out = Path(tmp) / f"{checkout.name}-{repeat}.json"
+            command = [sys.executable, str(checkout / "bench" / "serve_load.py"), "--json", str(out), "--doc", ""]
+            for name in PASSED_ON:
+                value = getattr(args, name)
+                command += [f"--{name.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
+            print(f"run {repeat + 1} of {checkout}", flush=True)
+            subprocess.run(command, cwd=checkout, env={**os.environ, "PYTHONPATH": str(checkout)}, check=True)
+            for r in json.loads(out.read_text())["results"]:
+                rows.append((checkout.name, repeat + 1, r["preset"], r["size"], max(r["raw"].values()), r["served"]))
+    return rows
+
+
+def compare_markdown(rows: list[tuple[str, int, str, int, float, float]]) -> str:
+    lines = [
+        "| design | run | preset | size | raw img/s | served img/s | served / raw |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {d} | {n} | {p} | {s}² | {raw:.1f} | {served:.1f} | {100 * served / raw:.0f} % |"
+        for d, n, p, s, raw, served in rows
+    ]
+    lines += ["", "| design | preset | size | median served / raw | runs |", "|---|---|---:|---:|---|"]
+    for design, preset, size in dict.fromkeys((d, p, s) for d, _, p, s, _, _ in rows):
+        ratios = [served / raw for d, _, p, s, raw, served in rows if (d, p, s) == (design, preset, size)]
+        each = " · ".join(f"{100 * x:.0f}" for x in ratios)
+        lines.append(f"| {design} | {preset} | {size}² | {100 * float(np.median(ratios)):.0f} % | {each} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     import ray
     from ray import serve
 
     args = parse_args(argv)
+    if args.compare:
+        rows = compare(args)
+        print("\n" + compare_markdown(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        return
     torch.set_num_threads(args.threads)
     ray_env = read_ray_env(ROOT / args.ray_env) if args.ray_env else {}
     os.environ.update(ray_env)  # every process of the Ray started below inherits them
