@@ -54,7 +54,7 @@ from dfnet.inpaint import Inpainter
 from dfnet.model import build_model
 from dfnet.pretrained import pretrained_dir
 from serve.ray_env import RAY_ENV_FILE, read_ray_env
-from serve.schemas import ServeSettings
+from serve.schemas import configured_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,8 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     threads = max(1, (os.cpu_count() or 2) - 1)
     parser.add_argument("--threads", type=int, default=threads, help="torch threads, raw and replica")
     parser.add_argument("--inference", default="auto", help="dfnet.accelerate path (or off), raw and served")
-    parser.add_argument("--max-batch-size", type=int, default=ServeSettings().max_batch_size)
-    parser.add_argument("--batch-wait-s", type=float, default=ServeSettings().batch_wait_timeout_s)
+    parser.add_argument("--max-batch-size", type=int, default=configured_settings().max_batch_size)
+    parser.add_argument("--batch-wait-s", type=float, default=configured_settings().batch_wait_timeout_s)
     parser.add_argument(
         "--ray-env",
         default=str(RAY_ENV_FILE.relative_to(ROOT)),
@@ -194,7 +194,7 @@ def bench_preset(preset: str, model_dir: str, args: argparse.Namespace, base_url
 
     from serve.app import InpaintDeployment, load_inpainter
 
-    settings = ServeSettings(
+    settings = configured_settings(
         source=model_dir,
         inference=args.inference,
         warmup_sizes=args.sizes,

@@ -242,11 +242,9 @@ def _exit_with(parent: int) -> None:
 def _start_worker(settings: ServeSettings) -> tuple[dict[str, Any], int]:
     global _worker
     # A session of its own gives this process a scheduling group of its own where Linux groups
-    # by session (autogroup, on in most distributions' kernels): the CPUs are then shared between
-    # the model and the serving stack, not among their dozens of threads. On the 2-core bench
-    # machine the model thread waited for a CPU 23-26 % of its batch time before, 15 % after.
-    # It also leaves the replica's process group, which Ray kills with the replica, so it watches
-    # its parent and goes with it.
+    # by session (autogroup): the CPUs are then shared between the model and the serving stack,
+    # not among their dozens of threads (docs/performance.md, Serve). It also leaves the
+    # replica's process group, which Ray kills with the replica, so it goes with its parent.
     parent = os.getppid()
     os.setsid()
     threading.Thread(target=_exit_with, args=(parent,), name="exit-with-replica", daemon=True).start()
@@ -259,7 +257,7 @@ def _run_jobs(jobs: list[Job]) -> list[Any]:
     return _worker.run(jobs)
 
 
-@serve.deployment(max_ongoing_requests=32)
+@serve.deployment  # its options: serve/config.yaml's `deployments:` (configured_deployment_options)
 @serve.ingress(api)
 class InpaintDeployment:
     """One replica: HTTP, decoding and encoding here, the model in a child process, and a
@@ -268,11 +266,9 @@ class InpaintDeployment:
     def __init__(self, settings: ServeSettings):
         self.settings = s = settings
         api.state.max_upload_bytes = s.max_upload_bytes  # read by BodySizeLimit
-        # The model runs in a process of its own. In this one, the event loops of Serve and
-        # FastAPI and the PNG threads hold the GIL often, and a model thread beside them had to
-        # win it back after every torch call (a shipped 512² image: 69 ms on the clock for
-        # 56 ms of CPU under load). Jobs and results cross as pickled arrays (well under 1 ms).
-        # spawn: forking a process that runs threads (Ray's) is unsafe.
+        # The model runs in a process of its own: here the event loops of Serve and FastAPI and
+        # the PNG threads hold the GIL often, and a model thread would have to win it back after
+        # every torch call. spawn: forking a process that runs threads (Ray's) is unsafe.
         self._model = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         self.info, pid = self._model.submit(_start_worker, s).result()  # loads and warms up
         self._model_process = psutil.Process(pid)
@@ -316,7 +312,7 @@ class InpaintDeployment:
         self.forward_seconds.observe(loop.time() - start)
         return [(result, len(jobs)) for result in results]
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=BATCHES_IN_FLIGHT)
+    @serve.batch(max_concurrent_batches=BATCHES_IN_FLIGHT)  # size and wait: set from the settings
     async def _infer_batch(self, jobs: list[Job]) -> list[Any]:
         return await self._run(jobs)
 

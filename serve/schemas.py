@@ -2,8 +2,10 @@
 validate them and the OpenAPI page documents them)."""
 
 import base64
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveInt
 
 from dfnet.accelerate import INFERENCE_PATHS
@@ -16,30 +18,46 @@ StrategyName = Literal[STRATEGIES]  # type: ignore[valid-type]
 InferenceName = Literal[("auto", *INFERENCE_PATHS, "off")]  # type: ignore[valid-type]
 
 
+CONFIG = Path(__file__).resolve().parent / "config.yaml"
+
+
 class ServeSettings(BaseModel):
-    """The application's ``args:`` in serve/config.yaml; an unknown key is an error."""
+    """The application's ``args:`` in serve/config.yaml, the one home of their values: no
+    defaults here (`configured_settings` reads them); an unknown or missing key is an error."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    source: str = "auto"  # model dir | s3://... | models:/name@alias | *.pth | auto
-    tracking_uri: str | None = None  # MLflow, for models:/ sources; None = $MLFLOW_TRACKING_URI
-    device: str = "auto"  # auto = cuda when the replica sees a GPU, else cpu
+    source: str  # model dir | s3://... | models:/name@alias | *.pth | auto
+    tracking_uri: str | None  # MLflow, for models:/ sources; None = $MLFLOW_TRACKING_URI
+    device: str  # auto = cuda when the replica sees a GPU, else cpu
     # dfnet.accelerate path: auto (chosen from the CPU's flags / CUDA), a named path, or off.
-    inference: InferenceName = "auto"
-    # Square sides the inference path is compiled at during start-up, at batch 1 and 2 (see
-    # InpaintDeployment): requests at these sizes never wait for a compile, and only these run
-    # compiled (others run eagerly); [] = none.
-    warmup_sizes: list[PositiveInt] = [128, 256]
-    work_size: PositiveInt | None = None  # Inpainter's work size; None = its default
-    # Pixels per forward pass (batch × padded H × W). On a CPU a big batch of big images runs
-    # slower per image than small passes (activations fall out of cache); None = 65536 on CPU
-    # (4 × 128² or 1 × 256²), unlimited on GPU.
-    forward_pixels: PositiveInt | None = None
-    batching: bool = True
-    max_batch_size: PositiveInt = 8
-    batch_wait_timeout_s: NonNegativeFloat = 0.02
-    max_upload_bytes: PositiveInt = 32 * 1024 * 1024  # larger request bodies get 413
-    max_pixels: PositiveInt = 4096 * 4096  # larger images (by their header) get 413
+    inference: InferenceName
+    # Square sides compiled at start-up, at batch 1 and 2: requests at these sizes never wait
+    # for a compile, and only these run compiled (others run eagerly); [] = none.
+    warmup_sizes: list[PositiveInt]
+    work_size: PositiveInt | None  # Inpainter's work size; None = its default
+    # Pixels per forward pass (batch × padded H × W): on a CPU big batches of big images run
+    # slower per image (activations fall out of cache). None = CPU_FORWARD_PIXELS on CPU,
+    # unlimited on GPU.
+    forward_pixels: PositiveInt | None
+    batching: bool
+    max_batch_size: PositiveInt
+    batch_wait_timeout_s: NonNegativeFloat
+    max_upload_bytes: PositiveInt  # larger request bodies get 413
+    max_pixels: PositiveInt  # larger images (by their header) get 413
+
+
+def configured_settings(**overrides: Any) -> ServeSettings:
+    """serve/config.yaml's application args, with `overrides` (for tests, benches and scripts)."""
+    (application,) = yaml.safe_load(CONFIG.read_text())["applications"]
+    return ServeSettings.model_validate({**application["args"], **overrides})
+
+
+def configured_deployment_options() -> dict[str, Any]:
+    """serve/config.yaml's options of the deployment (max_ongoing_requests, ...), less its name."""
+    (application,) = yaml.safe_load(CONFIG.read_text())["applications"]
+    (deployment,) = application["deployments"]
+    return {k: v for k, v in deployment.items() if k != "name"}
 
 
 def _base64(value: Any) -> Any:

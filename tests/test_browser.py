@@ -61,7 +61,7 @@ def page_url(ray_local, free_loopback_port, tmp_path_factory: pytest.TempPathFac
 
     from dfnet.pretrained import pretrained_dir
     from serve.app import InpaintDeployment
-    from serve.schemas import ServeSettings
+    from serve.schemas import configured_settings
 
     model_dir = pretrained_dir()
     serve.shutdown()  # a Serve left by another file would keep its own port
@@ -69,7 +69,7 @@ def page_url(ray_local, free_loopback_port, tmp_path_factory: pytest.TempPathFac
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     # Eager: this test is about the page. The default, compiled path is served end to end by
     # tests/test_tune.py::test_serve_deploy_serves_the_champion.
-    settings = ServeSettings(source=str(model_dir), inference="eager", warmup_sizes=[], max_pixels=MAX_PIXELS)
+    settings = configured_settings(source=str(model_dir), inference="eager", warmup_sizes=[], max_pixels=MAX_PIXELS)
     deployment = InpaintDeployment.options(ray_actor_options={"num_cpus": 0})
     serve.run(deployment.bind(settings), name="browser", route_prefix="/")
     yield f"http://127.0.0.1:{port}/"

@@ -32,7 +32,7 @@ from dfnet.model import DFNet, build_model
 from dfnet.pretrained import pretrained_dir
 from serve.app import BATCHES_IN_FLIGHT, InpaintDeployment, load_inpainter, resolve_source
 from serve.ray_env import read_ray_env
-from serve.schemas import ServeSettings
+from serve.schemas import ServeSettings, configured_deployment_options, configured_settings
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,8 +131,8 @@ def server(ray_local, model_dir: Path, free_loopback_port):
     )
     # num_cpus=0: do not compete with other test files for the session's 2 CPUs.
     deployment = InpaintDeployment.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=16)
-    serve.run(deployment.bind(ServeSettings(**common, inference="eager")), name="batched", route_prefix="/")
-    unbatched = ServeSettings(**common, inference="off", batching=False)
+    serve.run(deployment.bind(configured_settings(**common, inference="eager")), name="batched", route_prefix="/")
+    unbatched = configured_settings(**common, inference="off", batching=False)
     serve.run(deployment.bind(unbatched), name="unbatched", route_prefix="/nobatch")
     base = f"http://127.0.0.1:{port}"
     yield Server(url=base, nobatch_url=base + "/nobatch", model_dir=model_dir)
@@ -376,7 +376,7 @@ def _model_processes(app: str) -> list[psutil.Process]:
 def test_a_dead_model_process_is_replaced_and_none_outlives_its_replica(server: Server) -> None:
     from ray import serve
 
-    settings = ServeSettings(source=str(server.model_dir), inference="off", warmup_sizes=[])
+    settings = configured_settings(source=str(server.model_dir), inference="off", warmup_sizes=[])
     deployment = InpaintDeployment.options(ray_actor_options={"num_cpus": 0}, health_check_period_s=1)
     serve.run(deployment.bind(settings), name="fragile", route_prefix="/fragile")
     url = server.url + "/fragile/inpaint"
@@ -610,10 +610,22 @@ def test_shipped_config_yaml_is_valid() -> None:
     (application,) = config.applications
     assert application.import_path == "serve.app:app_builder"
     settings_ = ServeSettings.model_validate(application.args)
+    assert settings_ == configured_settings()
     (deployment,) = application.deployments
+    assert deployment.max_ongoing_requests == configured_deployment_options()["max_ongoing_requests"]
     assert deployment.name == InpaintDeployment.name
     assert deployment.max_ongoing_requests >= BATCHES_IN_FLIGHT * settings_.max_batch_size  # or batches never fill
     assert deployment.autoscaling_config["max_replicas"] >= deployment.autoscaling_config["min_replicas"]
+
+
+def test_serve_values_have_one_home_the_config_yaml() -> None:
+    """No defaults in the settings model (config.yaml gives every value), none in the decorators."""
+    assert all(field.is_required() for field in ServeSettings.model_fields.values())
+    with pytest.raises(ValueError, match="max_batch_size"):
+        ServeSettings.model_validate(configured_settings().model_dump(exclude={"max_batch_size"}))
+    source = (ROOT / "serve" / "app.py").read_text()
+    for option in ("max_ongoing_requests=", "max_batch_size=", "batch_wait_timeout_s="):
+        assert f"serve.deployment({option}" not in source and f"serve.batch({option}" not in source
 
 
 def test_ray_env_names_settings_that_ray_reads() -> None:
@@ -652,8 +664,8 @@ def test_ray_env_file_format(tmp_path: Path) -> None:
     ],
 )
 def test_settings_are_validated(args: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        ServeSettings.model_validate(args)
+    with pytest.raises(ValueError, match=f"1 validation error for ServeSettings\n{message}"):
+        ServeSettings.model_validate({**configured_settings().model_dump(), **args})
 
 
 # --------------------------------------------------------------------------- model sources
@@ -685,6 +697,6 @@ def test_auto_source_prefers_the_registry_champion(
     finally:
         mlflow.end_run()
     assert resolve_source("auto") == "models:/dfnet@champion"
-    inpainter, info = load_inpainter(ServeSettings(inference="off"))
+    inpainter, info = load_inpainter(configured_settings(inference="off"))
     assert info["kind"] == "mlflow" and info["alias"] == "champion" and str(info["version"]) == "1"
     assert _same_weights(inpainter.model, DFNet.from_pretrained(model_dir))
