@@ -25,7 +25,7 @@ from dfnet.accelerate import INFERENCE_PATHS, optimize_for_inference
 from dfnet.explain import PICTURES, FusionMaps, check_levels, pictures
 from dfnet.images import is_image_file, open_image
 from dfnet.inpaint import STRATEGIES, Inpainter
-from dfnet.masks import MASK_CONVENTIONS
+from dfnet.masks import DEFAULT_MASK_CONVENTION, MASK_CONVENTIONS
 from dfnet.model import DFNet, read_model_config
 from dfnet.official import CheckpointMismatchError, import_official_checkpoint
 from dfnet.pretrained import PRETRAINED_NAME
@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mask-convention",
         choices=MASK_CONVENTIONS,
-        default="hole-white",
+        default=DEFAULT_MASK_CONVENTION,
         help="hole-white: white marks the hole (default, like most inpainting tools); known-white: white = keep",
     )
     p.add_argument("--strategy", choices=STRATEGIES, default="auto", help="how images meet the network's size")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dfnet.explain import FusionMaps, capture_fusion, check_levels
-from dfnet.masks import mask_from_image
+from dfnet.masks import DEFAULT_MASK_CONVENTION, mask_from_image
 from dfnet.model import DFNet
 
 Strategy = Literal["auto", "pad", "resize", "crops"]
@@ -124,7 +124,7 @@ class Inpainter:
         image: Image.Image | np.ndarray,
         mask: Image.Image | np.ndarray,
         *,
-        mask_convention: str = "hole-white",
+        mask_convention: str = DEFAULT_MASK_CONVENTION,
         strategy: Strategy = "auto",
     ) -> Image.Image:
         """Complete one image; returns an image of the input's size and mode."""
@@ -135,7 +135,7 @@ class Inpainter:
         images: Sequence[Image.Image | np.ndarray],
         masks: Sequence[Image.Image | np.ndarray],
         *,
-        mask_convention: str = "hole-white",
+        mask_convention: str = DEFAULT_MASK_CONVENTION,
         strategy: Strategy = "auto",
     ) -> list[Image.Image]:
         """Complete many images; windows of equal network shape share forward passes."""
@@ -147,7 +147,7 @@ class Inpainter:
         masks: Sequence[Image.Image | np.ndarray],
         *,
         levels: Sequence[int] = (0,),
-        mask_convention: str = "hole-white",
+        mask_convention: str = DEFAULT_MASK_CONVENTION,
         strategy: Strategy = "auto",
     ) -> list[tuple[Image.Image, list[FusionMaps]]]:
         """`inpaint_batch`, plus the α and C maps of the fusion blocks at `levels` (0 = finest)

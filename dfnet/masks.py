@@ -44,6 +44,7 @@ HOLE_BINS: tuple[tuple[float, float], ...] = (
 
 #: Accepted conventions of :func:`mask_from_image`.
 MASK_CONVENTIONS: tuple[str, ...] = ("hole-white", "known-white")
+DEFAULT_MASK_CONVENTION = "hole-white"  # what most inpainting tools draw: white = fill
 
 # Stroke parameters at the 256 px reference resolution (spec, "Training recipe").
 _REFERENCE_SIZE = 256

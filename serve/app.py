@@ -38,7 +38,7 @@ from dfnet.accelerate import InferenceRunner, optimize_for_inference, persistent
 from dfnet.explain import pictures
 from dfnet.images import ImageTooLarge, UnreadableImage, decode_image, encode_png
 from dfnet.inpaint import STRATEGIES, Inpainter
-from dfnet.masks import MASK_CONVENTIONS, mask_from_image
+from dfnet.masks import DEFAULT_MASK_CONVENTION, MASK_CONVENTIONS, mask_from_image
 from dfnet.pretrained import pretrained_dir
 from dfnet.sources import load_model, preset_name
 from serve.limits import BodySizeLimit
@@ -372,7 +372,7 @@ class InpaintDeployment:
         self,
         image: Annotated[UploadFile, File(description="PNG, JPEG or WebP; EXIF-rotated as shown")],
         mask: Annotated[UploadFile, File(description="same size as the image")],
-        mask_convention: Annotated[MaskConvention, Form()] = "hole-white",
+        mask_convention: Annotated[MaskConvention, Form()] = DEFAULT_MASK_CONVENTION,
         strategy: Annotated[StrategyName, Form(description="for large images")] = "auto",
         explain: Annotated[str, Form(description=EXPLAIN_FIELD)] = "",
     ) -> Response:

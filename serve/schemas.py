@@ -10,7 +10,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeF
 
 from dfnet.accelerate import INFERENCE_PATHS
 from dfnet.inpaint import STRATEGIES
-from dfnet.masks import MASK_CONVENTIONS
+from dfnet.masks import DEFAULT_MASK_CONVENTION, MASK_CONVENTIONS
 
 # The library's own lists as types: FastAPI and Pydantic then validate and document them.
 MaskConvention = Literal[MASK_CONVENTIONS]  # type: ignore[valid-type]
@@ -85,7 +85,7 @@ class InpaintJSON(BaseModel):
 
     image: Base64File
     mask: Base64File
-    mask_convention: MaskConvention = "hole-white"
+    mask_convention: MaskConvention = DEFAULT_MASK_CONVENTION
     strategy: StrategyName = "auto"
     # Fusion blocks to explain (0 = the finest); non-empty → the answer is `Explained` JSON.
     explain: list[NonNegativeInt] = Field(default=[], max_length=16)
