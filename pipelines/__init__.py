@@ -18,6 +18,12 @@ def stage_params(description: str, argv: list[str] | None = None) -> Params:
     return load_params(args.params)
 
 
+# Ray's settings for the pipeline's driver and every worker of its jobs. Ray Data lists Parquet
+# shards with a pool of footer-reading actors, a process each, 32 by default: the more shards,
+# the more of them start, so a stage's memory grew with the data set. Our footers are tiny.
+RAY_JOB_ENV = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2"}
+
+
 def ensure_ray() -> None:
     """Connect to Ray unless connected: the cluster named by ``RAY_ADDRESS`` or started with
     ``ray start``, else a local instance; usage stats off unless the user turned them on."""
@@ -25,4 +31,5 @@ def ensure_ray() -> None:
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init()
+        os.environ.update(RAY_JOB_ENV)  # read where Ray Data plans a read, and where it lists
+        ray.init(runtime_env={"env_vars": RAY_JOB_ENV})

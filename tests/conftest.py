@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from pipelines import RAY_JOB_ENV
+
 # Telemetry off for everything the tests start (Ray, DVC, MLflow), before any of them import.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -91,11 +93,12 @@ def _start_local_ray(moto_endpoint: str) -> None:
 
     # Started the way `make serve` starts Serve's Ray, so the Serve tests run what users run.
     os.environ.update(read_ray_env())
+    os.environ.update(RAY_JOB_ENV)  # as pipelines.ensure_ray sets it
     ray.init(
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
-        runtime_env={"env_vars": _s3_env(moto_endpoint) | {"RAY_USAGE_STATS_ENABLED": "0"}},
+        runtime_env={"env_vars": _s3_env(moto_endpoint) | RAY_JOB_ENV | {"RAY_USAGE_STATS_ENABLED": "0"}},
     )
 
 
@@ -148,7 +151,7 @@ def ray_two_nodes(moto_endpoint: str) -> Iterator[TwoNodeCluster]:
         ray.init(
             address=cluster.address,
             log_to_driver=False,
-            runtime_env={"env_vars": _s3_env(moto_endpoint) | {"RAY_USAGE_STATS_ENABLED": "0"}},
+            runtime_env={"env_vars": _s3_env(moto_endpoint) | RAY_JOB_ENV | {"RAY_USAGE_STATS_ENABLED": "0"}},
         )
         yield TwoNodeCluster(cluster=cluster, head=cluster.head_node, worker=worker)
     finally:

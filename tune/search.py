@@ -46,6 +46,7 @@ from dfnet.model import PRESETS, DFNet
 from dfnet.params import Params, load_params, parse_params
 from dfnet.storage import filesystem_for
 from dfnet.training import export_model
+from pipelines import ensure_ray
 from pipelines.train import build_trainer, load_checkpoint_state
 from tracking import registry
 
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     baseline = {key: value_of(params, key) for key in space}
     first = [baseline] if search["baseline_first"] and all(space[k].is_valid(v) for k, v in baseline.items()) else []
 
-    ray.init()
+    ensure_ray()
     threads = int(ray.cluster_resources()["CPU"]) // (search["max_concurrent"] * params.train.num_workers)
     tags = {"tune_search": name, "tune_experiment": base["train"]["storage_path"]}
     with registry.start_tagged_run(params.mlflow.tracking_uri, params.mlflow.experiment, name, tags) as parent:
