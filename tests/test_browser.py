@@ -399,7 +399,8 @@ def test_editor_walkthrough(page_url: str, artifacts_dir: Path, tmp_path: Path) 
 
             # A server error is shown inline: 3500² is over the server's pixel limit.
             editor.give(png(np.full((3500, 3500, 3), 90, np.uint8)), "huge.png", "drop")
-            expect(page.locator("#stage")).to_have_attribute("data-width", "3500")
+            # The browser decodes 12 megapixels first: slow on a loaded 2-core machine.
+            expect(page.locator("#stage")).to_have_attribute("data-width", "3500", timeout=60_000)
             box = page.locator("#overlay").bounding_box()
             editor.stroke([(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)])
             page.click("#inpaint")
