@@ -47,16 +47,19 @@ class ServeSettings(BaseModel):
     max_pixels: PositiveInt  # larger images (by their header) get 413
 
 
+def _configured_application() -> dict[str, Any]:
+    (application,) = yaml.safe_load(CONFIG.read_text())["applications"]
+    return application
+
+
 def configured_settings(**overrides: Any) -> ServeSettings:
     """serve/config.yaml's application args, with `overrides` (for tests, benches and scripts)."""
-    (application,) = yaml.safe_load(CONFIG.read_text())["applications"]
-    return ServeSettings.model_validate({**application["args"], **overrides})
+    return ServeSettings.model_validate({**_configured_application()["args"], **overrides})
 
 
 def configured_deployment_options() -> dict[str, Any]:
     """serve/config.yaml's options of the deployment (max_ongoing_requests, ...), less its name."""
-    (application,) = yaml.safe_load(CONFIG.read_text())["applications"]
-    (deployment,) = application["deployments"]
+    (deployment,) = _configured_application()["deployments"]
     return {k: v for k, v in deployment.items() if k != "name"}
 
 
