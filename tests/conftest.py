@@ -15,14 +15,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import pytest
-
-from pipelines import RAY_JOB_ENV
-
+# Two test processes share the cores, each with torch's default threads, and start Ray, DVC and
+# compilers beside them: OpenMP threads that spin while they wait for work take the cores from
+# the others (the training tests ran 5x slower). Passive threads sleep instead. OpenMP reads this
+# when torch loads, so it is set before anything imports torch (and inherited by subprocesses).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Telemetry off for everything the tests start (Ray, DVC, MLflow), before any of them import.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import pytest  # noqa: E402
+
+from pipelines import RAY_JOB_ENV  # noqa: E402
 
 # `make test` runs the files in two processes (pytest-xdist, whole files per process). The files
 # of the end-to-end tests go first, longest first (from `--durations` of a full run), so the two
