@@ -17,7 +17,7 @@ from typing import Any
 
 # Two test processes share the cores, each with torch's default threads, and start Ray, DVC and
 # compilers beside them: OpenMP threads that spin while they wait for work take the cores from
-# the others (the training tests ran 5x slower). Passive threads sleep instead. OpenMP reads this
+# the others, and the training tests crawl. Passive threads sleep instead. OpenMP reads this
 # when torch loads, so it is set before anything imports torch (and inherited by subprocesses).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Telemetry off for everything the tests start (Ray, DVC, MLflow), before any of them import.
